@@ -1,0 +1,328 @@
+// nanobind bindings of dynaguide._native. Arrays arrive through DLPack (numpy arrays,
+// torch tensors, ...) as nb::ndarray and are checked here before any kernel runs; the
+// kernels themselves see framework-free dg::View structs. Outputs are preallocated by
+// the Python wrappers (dynaguide/native.py, dynaguide/native_losses.py).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <optional>
+#include <string>
+
+#include "common.h"
+#include "labels.h"
+#include "losses.h"
+#ifdef DYNAGUIDE_WITH_CUDA
+#include "labels_cuda.h"
+#endif
+
+namespace nb = nanobind;
+using dg::DType;
+using dg::View;
+
+namespace {
+
+using InArray = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+DType to_dtype(nb::dlpack::dtype d) {
+    using nb::dlpack::dtype_code;
+    if (d.lanes != 1) return DType::Other;
+    if (d.code == static_cast<uint8_t>(dtype_code::Float)) {
+        if (d.bits == 32) return DType::F32;
+        if (d.bits == 64) return DType::F64;
+    } else if (d.code == static_cast<uint8_t>(dtype_code::Int)) {
+        switch (d.bits) {
+            case 8: return DType::I8;
+            case 16: return DType::I16;
+            case 32: return DType::I32;
+            case 64: return DType::I64;
+        }
+    } else if (d.code == static_cast<uint8_t>(dtype_code::UInt)) {
+        switch (d.bits) {
+            case 8: return DType::U8;
+            case 16: return DType::U16;
+            case 32: return DType::U32;
+            case 64: return DType::U64;
+        }
+    }
+    return DType::Other;
+}
+
+template <typename A>
+View to_view(const A &a, const char *name, int ndim, int device_type) {
+    if (static_cast<int>(a.ndim()) != ndim)
+        dg::fail(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
+                 std::to_string(a.ndim()));
+    if (a.device_type() != device_type)
+        dg::fail(std::string(name) + (device_type == nb::device::cpu::value ? " must be a CPU array"
+                                                                            : " must be a CUDA array"));
+    View v;
+    v.data = const_cast<void *>(static_cast<const void *>(a.data()));
+    v.dtype = to_dtype(a.dtype());
+    v.ndim = ndim;
+    v.device_type = a.device_type();
+    v.device_id = a.device_id();
+    for (int i = 0; i < ndim; ++i) {
+        v.shape[i] = static_cast<int64_t>(a.shape(i));
+        v.strides[i] = a.stride(i);
+    }
+    return v;
+}
+
+void expect_dtype(const View &v, DType d, const char *name) {
+    if (v.dtype != d)
+        dg::fail(std::string(name) + " must be " + dg::dtype_name(d) + ", got " + dg::dtype_name(v.dtype));
+}
+
+void expect_contiguous(const View &v, const char *name) {
+    if (!v.c_contiguous()) dg::fail(std::string(name) + " must be C-contiguous");
+}
+
+void expect_shape(const View &v, std::initializer_list<int64_t> shape, const char *name) {
+    int i = 0;
+    for (int64_t s : shape) {
+        if (v.shape[i] != s) dg::fail(std::string(name) + " has the wrong shape");
+        ++i;
+    }
+}
+
+void expect_float(const View &v, const char *name) {
+    if (v.dtype != DType::F32 && v.dtype != DType::F64)
+        dg::fail(std::string(name) + " must be float32 or float64, got " + dg::dtype_name(v.dtype));
+}
+
+void expect_int(const View &v, const char *name) {
+    if (v.dtype == DType::F32 || v.dtype == DType::F64 || v.dtype == DType::Other)
+        dg::fail(std::string(name) + " must have an integer dtype, got " + dg::dtype_name(v.dtype));
+}
+
+void expect_index_out(const View &v, const char *name) {
+    if (v.dtype != DType::I32 && v.dtype != DType::I64)
+        dg::fail(std::string(name) + " must be int32 or int64, got " + dg::dtype_name(v.dtype));
+}
+
+// Outputs of argmax_relabel: (N, H, W) labels and compact, (N, C) counts, (N,) k.
+void check_argmax_outputs(const View &x, const View &labels, const View &compact, const View &counts,
+                          const View &k) {
+    const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+    expect_float(x, "response");
+    if (x.numel() == 0) dg::fail("response is empty");
+    for (const auto &[v, name] : {std::pair{&labels, "labels"}, {&compact, "compact"}}) {
+        expect_dtype(*v, DType::I64, name);
+        expect_contiguous(*v, name);
+        expect_shape(*v, {N, H, W}, name);
+    }
+    expect_dtype(counts, DType::I64, "counts");
+    expect_contiguous(counts, "counts");
+    expect_shape(counts, {N, C}, "counts");
+    expect_dtype(k, DType::I64, "k");
+    expect_contiguous(k, "k");
+    expect_shape(k, {N}, "k");
+}
+
+void check_cc(const View &in, const View &out, int connectivity) {
+    if (connectivity != 4 && connectivity != 8)
+        dg::fail("connectivity must be 4 or 8, got " + std::to_string(connectivity));
+    expect_int(in, "labels");
+    expect_contiguous(in, "labels");
+    expect_index_out(out, "out");
+    expect_contiguous(out, "out");
+    expect_shape(out, {in.shape[0], in.shape[1], in.shape[2]}, "out");
+    if (out.dtype == DType::I32 && in.shape[1] * in.shape[2] > INT32_MAX)
+        dg::fail("out must be int64 for images of 2**31 pixels or more");
+}
+
+View loss_input(const InArray &a) {
+    View x = to_view(a, "response", 4, nb::device::cpu::value);
+    expect_float(x, "response");
+    if (x.numel() == 0) dg::fail("response is empty");
+    if (!dg::loss_layout_ok(x)) dg::fail("response must be contiguous or channels-last");
+    return x;
+}
+
+View per_image(const OutArray &a, const View &x, DType d, const char *name) {
+    View v = to_view(a, name, 1, nb::device::cpu::value);
+    expect_dtype(v, d, name);
+    expect_contiguous(v, name);
+    expect_shape(v, {x.shape[0]}, name);
+    return v;
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+    m.doc() = "dynaguide native kernels (C++/OpenMP, optional CUDA); see dynaguide.native";
+
+    m.def("max_threads", &dg::max_threads, "OpenMP threads a parallel region uses (1 without OpenMP).");
+    m.def("has_openmp", []() {
+#ifdef _OPENMP
+        return true;
+#else
+        return false;
+#endif
+    }, "Whether the extension was built with OpenMP.");
+    m.def("has_cuda", []() {
+#ifdef DYNAGUIDE_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+    }, "Whether the CUDA kernels were compiled in (a device may still be absent).");
+    m.def("cuda_device_count", []() {
+#ifdef DYNAGUIDE_WITH_CUDA
+        return dg::cuda_device_count();
+#else
+        return 0;
+#endif
+    }, "CUDA devices visible to the extension's runtime (0 without CUDA support).");
+
+    m.def(
+        "argmax_relabel",
+        [](InArray x, OutArray labels, OutArray compact, OutArray counts, OutArray k) {
+            const int cpu = nb::device::cpu::value;
+            View xv = to_view(x, "response", 4, cpu), lv = to_view(labels, "labels", 3, cpu),
+                 cv = to_view(compact, "compact", 3, cpu), nv = to_view(counts, "counts", 2, cpu),
+                 kv = to_view(k, "k", 1, cpu);
+            check_argmax_outputs(xv, lv, cv, nv, kv);
+            nb::gil_scoped_release release;
+            return dg::argmax_relabel_cpu(xv, lv, cv, nv, kv);
+        },
+        nb::arg("response"), nb::arg("labels"), nb::arg("compact"), nb::arg("counts"), nb::arg("k"),
+        "CPU argmax over channels + compact relabel + counts of a (N, C, H, W) response into "
+        "preallocated int64 outputs. Returns True when the response holds a NaN.");
+
+    m.def(
+        "relabel_sequential",
+        [](InArray in, OutArray out) {
+            View iv = to_view(in, "labels", static_cast<int>(in.ndim()), nb::device::cpu::value);
+            View ov = to_view(out, "out", static_cast<int>(out.ndim()), nb::device::cpu::value);
+            if (iv.ndim > 4) dg::fail("labels must have at most 4 dimensions");
+            expect_int(iv, "labels");
+            expect_contiguous(iv, "labels");
+            expect_index_out(ov, "out");
+            expect_contiguous(ov, "out");
+            if (ov.numel() != iv.numel()) dg::fail("out must have as many elements as labels");
+            if (ov.dtype == DType::I32 && iv.numel() > INT32_MAX)
+                dg::fail("out must be int64 for 2**31 elements or more");
+            nb::gil_scoped_release release;
+            return dg::relabel_sequential_cpu(iv, ov);
+        },
+        nb::arg("labels"), nb::arg("out"),
+        "Rank of each value among the distinct values of an integer array (0..K-1), written to "
+        "out (int32/int64, C-contiguous, at most 4-D); returns K.");
+
+    m.def(
+        "connected_components",
+        [](InArray in, OutArray out, int connectivity) {
+            const int cpu = nb::device::cpu::value;
+            View iv = to_view(in, "labels", 3, cpu), ov = to_view(out, "out", 3, cpu);
+            check_cc(iv, ov, connectivity);
+            nb::gil_scoped_release release;
+            dg::connected_components_cpu(iv, ov, connectivity);
+        },
+        nb::arg("labels"), nb::arg("out"), nb::arg("connectivity"),
+        "Connected components of equal-valued pixels of (N, H, W) label maps, numbered per image in "
+        "raster order of their first pixel, into out (int32/int64).");
+
+#ifdef DYNAGUIDE_WITH_CUDA
+    m.def(
+        "argmax_relabel_cuda",
+        [](InArray x, OutArray labels, OutArray compact, OutArray counts, OutArray k, uintptr_t stream) {
+            const int gpu = nb::device::cuda::value;
+            View xv = to_view(x, "response", 4, gpu), lv = to_view(labels, "labels", 3, gpu),
+                 cv = to_view(compact, "compact", 3, gpu), nv = to_view(counts, "counts", 2, gpu),
+                 kv = to_view(k, "k", 1, gpu);
+            check_argmax_outputs(xv, lv, cv, nv, kv);
+            for (const View *v : {&lv, &cv, &nv, &kv})
+                if (v->device_id != xv.device_id) dg::fail("outputs must be on the response's device");
+            nb::gil_scoped_release release;
+            dg::argmax_relabel_cuda(xv, lv, cv, nv, kv, stream);
+        },
+        nb::arg("response"), nb::arg("labels"), nb::arg("compact"), nb::arg("counts"), nb::arg("k"),
+        nb::arg("stream"),
+        "CUDA version of argmax_relabel (no NaN report), queued on `stream` (a cudaStream_t as int).");
+
+    m.def(
+        "connected_components_cuda",
+        [](InArray in, OutArray out, int connectivity, uintptr_t stream) {
+            const int gpu = nb::device::cuda::value;
+            View iv = to_view(in, "labels", 3, gpu), ov = to_view(out, "out", 3, gpu);
+            check_cc(iv, ov, connectivity);
+            if (iv.dtype != DType::I32 && iv.dtype != DType::I64) dg::fail("labels must be int32 or int64");
+            if (ov.dtype != DType::I32) dg::fail("out must be int32");
+            if (iv.numel() > INT32_MAX) dg::fail("at most 2**31 - 1 pixels in all");
+            if (ov.device_id != iv.device_id) dg::fail("out must be on the labels' device");
+            nb::gil_scoped_release release;
+            dg::connected_components_cuda(iv, ov, connectivity, stream);
+        },
+        nb::arg("labels"), nb::arg("out"), nb::arg("connectivity"), nb::arg("stream"),
+        "CUDA version of connected_components (int32/int64 labels in, int32 out).");
+#endif
+
+    // ------------------------------------------------------------------------ losses
+    m.def(
+        "continuity_forward",
+        [](InArray x, bool l1, int neighbors, double delta, OutArray loss) {
+            View xv = loss_input(x);
+            View lv = per_image(loss, xv, DType::F64, "loss");
+            if (neighbors != 4 && neighbors != 8) dg::fail("neighbors must be 4 or 8");
+            nb::gil_scoped_release release;
+            dg::continuity_forward_cpu(xv, l1, neighbors, delta, lv.ptr<double>());
+        },
+        nb::arg("response"), nb::arg("l1"), nb::arg("neighbors"), nb::arg("delta"), nb::arg("loss"),
+        "Per-image continuity loss of a (N, C, H, W) response into loss (float64, (N,)).");
+
+    m.def(
+        "continuity_backward",
+        [](InArray x, bool l1, int neighbors, double delta, InArray scale, OutArray grad) {
+            View xv = loss_input(x);
+            View sv = to_view(scale, "scale", 1, nb::device::cpu::value);
+            expect_dtype(sv, DType::F64, "scale");
+            expect_contiguous(sv, "scale");
+            expect_shape(sv, {xv.shape[0]}, "scale");
+            View gv = to_view(grad, "grad", 4, nb::device::cpu::value);
+            if (neighbors != 4 && neighbors != 8) dg::fail("neighbors must be 4 or 8");
+            nb::gil_scoped_release release;
+            dg::continuity_backward_cpu(xv, l1, neighbors, delta, sv.ptr<double>(), gv);
+        },
+        nb::arg("response"), nb::arg("l1"), nb::arg("neighbors"), nb::arg("delta"), nb::arg("scale"),
+        nb::arg("grad"), "grad[n] = scale[n] * d(continuity_n)/d(response[n]).");
+
+    m.def(
+        "similarity_forward",
+        [](InArray x, OutArray labels, std::optional<OutArray> grad, OutArray loss, OutArray k) {
+            const int cpu = nb::device::cpu::value;
+            View xv = loss_input(x);
+            View lv = to_view(labels, "labels", 3, cpu);
+            expect_dtype(lv, DType::I64, "labels");
+            expect_contiguous(lv, "labels");
+            expect_shape(lv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "labels");
+            View gv;
+            if (grad) gv = to_view(*grad, "grad", 4, cpu);
+            View loss_v = per_image(loss, xv, DType::F64, "loss");
+            View kv = per_image(k, xv, DType::I64, "k");
+            nb::gil_scoped_release release;
+            dg::similarity_forward_cpu(xv, lv, grad ? &gv : nullptr, loss_v.ptr<double>(), kv.ptr<int64_t>());
+        },
+        nb::arg("response"), nb::arg("labels"), nb::arg("grad").none(), nb::arg("loss"), nb::arg("k"),
+        "Per-image similarity loss, argmax labels, K and (optionally) the gradient.");
+
+    m.def(
+        "guidance_forward",
+        [](InArray x, InArray target, int64_t ignore_index, std::optional<OutArray> grad, OutArray loss) {
+            const int cpu = nb::device::cpu::value;
+            View xv = loss_input(x);
+            View tv = to_view(target, "target", 3, cpu);
+            expect_dtype(tv, DType::I64, "target");
+            expect_contiguous(tv, "target");
+            expect_shape(tv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "target");
+            View gv;
+            if (grad) gv = to_view(*grad, "grad", 4, cpu);
+            View loss_v = per_image(loss, xv, DType::F64, "loss");
+            nb::gil_scoped_release release;
+            dg::guidance_forward_cpu(xv, tv, ignore_index, grad ? &gv : nullptr, loss_v.ptr<double>());
+        },
+        nb::arg("response"), nb::arg("target"), nb::arg("ignore_index"), nb::arg("grad").none(),
+        nb::arg("loss"), "Per-image guidance cross-entropy and (optionally) its gradient.");
+}

@@ -1,0 +1,244 @@
+"""The public entry points: :func:`segment` and :func:`segment_batch`.
+
+Data flows one way: load -> (downscale) -> guide -> refine -> label -> (upscale).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaguide.config import RefineConfig, get_preset
+from dynaguide.guidance import compute_guide_labels
+from dynaguide.io import load_image
+from dynaguide.native import relabel_sequential
+from dynaguide.refine import ProgressCallback, refine
+from dynaguide.segmentation import Segmentation
+
+DEFAULT_PRESET = "dynaguide"
+DEFAULT = "default"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Validate a device request ("cpu", "cuda", "cuda:1", a torch.device, None -> cpu)."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__})"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def build_config(
+    preset: str | RefineConfig = DEFAULT_PRESET, *, max_iter: int | None = None, **overrides: Any
+) -> RefineConfig:
+    """The preset (or config) with ``max_iter`` and other field overrides applied."""
+    config = get_preset(preset)
+    if max_iter is not None:
+        overrides["max_iter"] = max_iter
+    return config.replace(**overrides) if overrides else config
+
+
+def refinement_size(
+    height: int, width: int, *, scale: float | None, max_pixels: int | None
+) -> tuple[int, int]:
+    """Size the image is refined at: ``scale`` applied, then capped at ``max_pixels``."""
+    if scale is not None:
+        if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+            raise ValueError(f"scale must be a number in (0, 1], got {scale!r}")
+        height, width = max(2, round(height * scale)), max(2, round(width * scale))
+    if max_pixels is not None and height * width > max_pixels:
+        f = math.sqrt(max_pixels / (height * width))
+        height, width = max(2, math.floor(height * f)), max(2, math.floor(width * f))
+    return height, width
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == size:
+        return image
+    from skimage.transform import resize
+
+    out = resize(image, size, order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if labels.shape == size:
+        return labels
+    t = torch.from_numpy(labels.astype(np.int64))[None, None].float()
+    return (
+        torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")[0, 0]
+        .long()
+        .numpy()
+        .astype(labels.dtype)
+    )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA free memory, or available RAM), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(size: tuple[int, int], config: RefineConfig) -> int:
+    """Rough float32 memory of one training iteration at ``size``.
+
+    About three tensors per conv block (conv output, ReLU, BN) kept for backward, plus
+    the skip, classifier, BN, softmax and gradient buffers of the head and losses.
+    """
+    h, w = size
+    return (3 * config.n_conv + 10) * config.n_channels * 4 * h * w
+
+
+def _check_memory(
+    size: tuple[int, int], config: RefineConfig, device: torch.device, name: str
+) -> None:
+    """Raise MemoryError with advice when one refinement clearly cannot fit."""
+    free = available_memory(device)
+    need = activation_bytes(size, config)
+    if free is not None and need > 0.9 * free:
+        h, w = size
+        raise MemoryError(
+            f"{name}: refining at {w}x{h} needs about {need / 2**30:.1f} GiB but only "
+            f"{free / 2**30:.1f} GiB is free on {device}; pass scale= or a smaller max_pixels"
+        )
+
+
+def segment(
+    image: Any,
+    *,
+    preset: str | RefineConfig = DEFAULT_PRESET,
+    guidance: Any = DEFAULT,
+    guidance_options: dict[str, Any] | None = None,
+    device: str | torch.device | None = "cpu",
+    seed: int = 0,
+    max_iter: int | None = None,
+    scale: float | None = None,
+    callback: ProgressCallback | None = None,
+    name: str | None = None,
+    amp: bool = False,
+    cuda_graph: bool = False,
+    **overrides: Any,
+) -> Segmentation:
+    """Segment one image without supervision.
+
+    Parameters
+    ----------
+    image : path, PIL image, ndarray or tensor
+        See :func:`dynaguide.io.load_image` for the accepted forms and the policy for
+        grayscale, RGBA, 16-bit and float images.
+    preset : str or RefineConfig
+        ``"dynaguide"`` (default), ``"dfc"``, ``"dynaseg-scf"``, ``"dynaseg-fsf"`` or a
+        ``*-reference`` variant; see :func:`dynaguide.presets`.
+    guidance : "default", None, str, array, Guide or callable
+        ``"default"`` uses the preset's default guide (``kmeans`` for ``dynaguide``,
+        none for the others). A label array must have the image's (H, W).
+    guidance_options : dict, optional
+        Options for a named guide's factory.
+    device : str or torch.device
+    seed : int
+        Seeds the network initialisation; CPU results are deterministic per seed.
+    max_iter : int, optional
+        Overrides the preset's iteration budget.
+    scale : float in (0, 1], optional
+        Refine at a reduced size (labels are resized back to the image).
+    callback : callable(iteration, loss, K), optional
+    name : str, optional
+        Name of the input used in messages and in the result.
+    amp : bool
+        bf16 autocast for the convolutions (faster on GPUs; changes results slightly).
+    cuda_graph : bool
+        Capture each iteration in a CUDA graph (CUDA devices only).
+    **overrides
+        Any :class:`RefineConfig` field, e.g. ``min_labels=5``.
+
+    Returns
+    -------
+    Segmentation
+        ``labels`` (H, W) int32, compact 0..K-1, at the input's full size.
+
+    Examples
+    --------
+    >>> import numpy as np, dynaguide
+    >>> img = np.zeros((32, 32, 3), np.uint8); img[:, 16:] = 255
+    >>> seg = dynaguide.segment(img, guidance=None, max_iter=5)
+    >>> seg.labels.shape
+    (32, 32)
+    """
+    label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    config = build_config(preset, max_iter=max_iter, **overrides)
+    dev = resolve_device(device)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    rgb = load_image(image, name=name)
+    full = rgb.shape[:2]
+    size = refinement_size(*full, scale=scale, max_pixels=config.max_pixels)
+    _check_memory(size, config, dev, label)
+    work = _resize_image(rgb, size)
+
+    if isinstance(guidance, str) and guidance == DEFAULT:
+        guidance = config.default_guidance
+    if isinstance(guidance, (np.ndarray, torch.Tensor)):
+        g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
+        if g.shape[:2] != full:
+            raise ValueError(
+                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
+            )
+        guidance = _resize_labels(np.asarray(g), size) if g.ndim == 2 else g
+    guide_labels, guide_name = compute_guide_labels(
+        guidance, work, options=guidance_options, name=label
+    )
+
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
+    result = refine(
+        work,
+        config,
+        guide_labels=guide_labels,
+        device=dev,
+        seed=seed,
+        callback=callback,
+        amp=amp,
+        cuda_graph=cuda_graph,
+    )
+    labels = result.labels.cpu().numpy()
+    compact, k = relabel_sequential(labels)
+    compact = _resize_labels(compact.astype(np.int32), full)
+    guide_full = None if guide_labels is None else _resize_labels(guide_labels, full)
+    return Segmentation(
+        labels=compact,
+        n_labels=int(k),
+        n_iter=result.n_iter,
+        history={"loss": result.loss_history, "n_labels": result.k_history},
+        guide_labels=guide_full,
+        image=rgb,
+        config=config,
+        seconds=result.seconds,
+        stop_reason=result.stop_reason,
+        name=name if name is not None else (label if label != "image" else None),
+        device=str(dev),
+        extra={
+            "guide": guide_name,
+            "refine_size": list(size),
+            "opt_clusters": result.opt_clusters,
+            "seed": seed,
+        },
+    )

@@ -1,0 +1,535 @@
+"""The evaluation runner: segment every image of a dataset, cache, score, report.
+
+:func:`evaluate` is used by ``dynaguide eval`` and by the quality-table scripts.
+Predictions are cached per image (``<out>/predictions/<id>.npz``, written atomically)
+so an interrupted run resumes where it stopped; the settings a cache was made with are
+kept in ``<out>/protocol.json`` and a resume with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
+from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
+
+__all__ = ["CACHE_FORMAT", "code_version", "evaluate", "load_cached", "summarize"]
+
+CACHE_FORMAT = 1
+#: Errors that mark one image as failed while the run goes on (corrupt or unreadable
+#: image/annotation, bad shape, out of memory). Anything else is a bug and propagates.
+_PER_IMAGE_ERRORS = (ValueError, OSError, MemoryError)
+
+_SCORE_DOC = {
+    "raw": "prediction scored as returned by dynaguide.segment",
+    "cc": "prediction relabelled into {c}-connected components before scoring "
+    "(the preprocessing behind DFC's published numbers, SPEC §1.8)",
+}
+
+_BSDS_DOC = (
+    "BSDS500 segment-best-IoU (SPEC §6.1): per GT segment the best IoU with a whole "
+    "predicted region (many-to-one); All = every annotation, Fine / Coarse = the "
+    "annotation with the most / fewest labels (first on a tie); each mode averages ONE "
+    "global list of GT segments over the dataset; Mean = (All + Fine + Coarse) / 3"
+)
+_VOC_DOC = (
+    "VOC segment-best-IoU (SPEC §6.2): each mask value one GT segment, background 0 "
+    "counted as one segment, void 255 ignored; one global list of GT segments"
+)
+
+
+def code_version() -> dict[str, str]:
+    """dynaguide version and git commit of the source tree (``"uncommitted"`` if none)."""
+    try:
+        import dynaguide
+
+        version = getattr(dynaguide, "__version__", "unknown")
+    except ImportError:
+        version = "unknown"
+    root = Path(__file__).resolve().parents[2]
+    commit, dirty = "uncommitted", False
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if r.returncode == 0:
+            commit = r.stdout.strip()
+            s = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = bool(s.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"dynaguide": version, "git_commit": commit + ("+dirty" if dirty else "")}
+
+
+def _jsonable(obj: Any) -> Any:
+    from dynaguide.io import to_jsonable
+
+    return to_jsonable(obj)
+
+
+def _guidance_name(guidance: Any) -> Any:
+    if guidance is None or isinstance(guidance, str):
+        return guidance
+    return getattr(guidance, "name", None) or type(guidance).__name__
+
+
+def _effective_config(preset: Any, max_iter: int | None) -> Any:
+    import dynaguide
+
+    config = dynaguide.get_preset(preset) if isinstance(preset, str) else preset
+    if max_iter is not None:
+        config = dataclasses.replace(config, max_iter=max_iter)
+    return config
+
+
+def _stopping_rule(config: Any) -> dict[str, Any]:
+    keys = (
+        "max_iter",
+        "min_labels",
+        "convergence_window",
+        "convergence_tol",
+        "check_every",
+        "silhouette",
+        "silhouette_stop",
+        "final_pass",
+    )
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+# --------------------------------------------------------------------------- cache
+def _write_atomic(path: Path, data: bytes) -> None:
+    from dynaguide.io import write_atomic
+
+    write_atomic(path, data)
+
+
+def _save_cached(path: Path, seg: Any, meta: dict[str, Any]) -> None:
+    labels = np.asarray(seg.labels)
+    arrays: dict[str, np.ndarray] = {
+        "labels": labels.astype(np.uint16)
+        if labels.min() >= 0 and labels.max() < 65536
+        else labels,
+        "loss": np.asarray(seg.history.get("loss", []), dtype=np.float64),
+        "n_labels": np.asarray(seg.history.get("n_labels", []), dtype=np.int64),
+        "meta": np.array(json.dumps(_jsonable(meta))),
+    }
+    if seg.guide_labels is not None:
+        arrays["guide_labels"] = np.asarray(seg.guide_labels, dtype=np.int32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    _write_atomic(path, buf.getvalue())
+
+
+def load_cached(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read one cached prediction: ``labels``, ``guide_labels`` (or None), ``history``
+    (``loss``, ``n_labels`` lists) and ``meta`` (n_labels, n_iter, seconds,
+    stop_reason, ...).
+
+    Raises
+    ------
+    ValueError
+        If the file is corrupt or not a dynaguide prediction cache.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {
+                "labels": z["labels"].astype(np.int32),
+                "guide_labels": z["guide_labels"] if "guide_labels" in z.files else None,
+                "history": {"loss": z["loss"].tolist(), "n_labels": z["n_labels"].tolist()},
+                "meta": json.loads(str(z["meta"])),
+            }
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: corrupt prediction cache ({exc})") from None
+    if out["meta"].get("cache_format") != CACHE_FORMAT:
+        raise ValueError(
+            f"{path}: cache format {out['meta'].get('cache_format')} != {CACHE_FORMAT}"
+        )
+    return out
+
+
+def _check_protocol(
+    cache_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
+) -> None:
+    pred_dir = cache_dir / "predictions"
+    n_cached = len(list(pred_dir.glob("*.npz"))) if pred_dir.is_dir() else 0
+    proto_path = cache_dir / "protocol.json"
+    if n_cached and not (resume or overwrite):
+        raise ValueError(
+            f"{cache_dir} already holds {n_cached} cached prediction(s); resume them "
+            "(--resume / resume=True), overwrite them (--overwrite) or choose another output folder"
+        )
+    if n_cached and resume and not overwrite and proto_path.exists():
+        try:
+            old = json.loads(proto_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"{proto_path}: unreadable ({exc}); remove it or use --overwrite"
+            ) from None
+        diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{cache_dir} holds predictions made with other settings ({listed}); "
+                "use another output folder or --overwrite"
+            )
+    _write_atomic(proto_path, (json.dumps(fingerprint, indent=2) + "\n").encode())
+
+
+# ------------------------------------------------------------------------- scoring
+def _score(
+    item_kind: str,
+    labels: np.ndarray,
+    annotations: list[np.ndarray],
+    *,
+    cc: bool,
+    connectivity: int,
+    resize: bool,
+) -> dict[str, Any]:
+    if item_kind == "bsds":
+        s = bsds_image_scores(
+            labels, annotations, connected_components=cc, connectivity=connectivity, resize=resize
+        )
+        return {k: s[k] for k in (*BSDS_MODES, "Mean", "counts", "sums", "n_pred_segments")}
+    s = voc_image_scores(
+        labels, annotations[0], connected_components=cc, connectivity=connectivity, resize=resize
+    )
+    return {"mIoU": s["mIoU"], "counts": {"mIoU": s["count"]}, "sums": {"mIoU": s["sum"]}}
+
+
+def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, Any]:
+    """Dataset scores from per-image records (global segment lists: sums / counts).
+
+    Parameters
+    ----------
+    images : list of dict
+        Per-image records of :func:`evaluate` (failed ones are skipped).
+    metric : {"bsds", "voc"}
+    key : str
+        Score variant, e.g. ``"raw"`` or ``"cc8"``.
+    """
+    modes = BSDS_MODES if metric == "bsds" else ("mIoU",)
+    sums = dict.fromkeys(modes, 0.0)
+    counts = dict.fromkeys(modes, 0)
+    n = 0
+    for rec in images:
+        s = rec.get("scores", {}).get(key)
+        if s is None:
+            continue
+        n += 1
+        for m in modes:
+            sums[m] += s["sums"][m]
+            counts[m] += s["counts"][m]
+    out: dict[str, Any] = {m: (sums[m] / counts[m] if counts[m] else float("nan")) for m in modes}
+    if metric == "bsds":
+        out["Mean"] = sum(out[m] for m in BSDS_MODES) / 3.0
+    out["counts"] = counts
+    out["n_images"] = n
+    return out
+
+
+# ------------------------------------------------------------------------- runner
+def evaluate(
+    dataset: BSDS500Dataset | FolderDataset | str | os.PathLike[str],
+    *,
+    preset: str = "dynaguide",
+    guidance: Any = "default",
+    scale: float | None = None,
+    max_iter: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    connected_components: bool = True,
+    connectivity: int = 8,
+    resize: bool = False,
+    resume: bool = True,
+    overwrite: bool = False,
+    plot: bool = False,
+    n_plot: int = 4,
+    segment_fn: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Segment and score a dataset; returns (and with ``cache_dir`` writes) a report.
+
+    Parameters
+    ----------
+    dataset : dataset object or path
+        A :class:`BSDS500Dataset` / :class:`FolderDataset`, or a folder (layout
+        detected: ``gt/`` -> BSDS500, else images/ + masks/).
+    preset, guidance, scale, max_iter, seed, device
+        Passed to :func:`dynaguide.segment` (``guidance="default"``: the preset's).
+    cache_dir : path, optional
+        Output folder: ``predictions/<id>.npz`` (cache), ``protocol.json``,
+        ``report.json`` and, with ``plot``, ``plots/*.png``. None: nothing is written.
+    limit : int, optional
+        Only the first ``limit`` images (sorted ids).
+    progress : bool
+        tqdm progress bar on stderr.
+    connected_components : bool
+        Also score each prediction after relabelling it into connected components
+        (reported under ``"cc8"`` / ``"cc4"`` next to ``"raw"``).
+    connectivity : {4, 8}
+    resize : bool
+        Nearest-neighbour resize predictions to the annotation size when they differ.
+    resume : bool
+        Reuse cached predictions made with the same settings (refused if they differ).
+    overwrite : bool
+        Recompute and overwrite cached predictions.
+    plot : bool
+        Write a comparison grid and a loss / K curve PNG for the first ``n_plot``
+        scored images (needs ``cache_dir``).
+    segment_fn : callable, optional
+        Replaces :func:`dynaguide.segment` (same keywords); for tests.
+
+    Returns
+    -------
+    dict
+        ``protocol`` (all settings, dataset, code version), ``scores`` (``raw`` and
+        ``cc<N>``: dataset-level All / Fine / Coarse / Mean or mIoU with segment
+        counts), ``images`` (per-image records), ``failed`` (id and error of every
+        image that could not be scored), ``n_images``, ``n_scored``, ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        Bad settings, or a cache made with other settings.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if plot and cache_dir is None:
+        raise ValueError("plot=True needs a cache_dir to write the figures to")
+    ds = open_dataset("auto", dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    items: list[DatasetItem] = list(ds.items[:limit] if limit else ds.items)
+    metric = ds.metric
+    config = _effective_config(preset, max_iter)
+    if segment_fn is None:
+        import dynaguide
+
+        segment_fn = dynaguide.segment
+    cc_key = f"cc{connectivity}"
+    fingerprint = {
+        "preset": preset if isinstance(preset, str) else getattr(preset, "name", "custom"),
+        "guidance": _guidance_name(guidance),
+        "scale": scale,
+        "max_iter": max_iter,
+        "seed": seed,
+        "config": _jsonable(dataclasses.asdict(config))
+        if dataclasses.is_dataclass(config)
+        else None,
+        "cache_format": CACHE_FORMAT,
+    }
+    protocol = {
+        **{k: v for k, v in fingerprint.items() if k != "config"},
+        "effective_max_iter": getattr(config, "max_iter", None),
+        "stopping_rule": _stopping_rule(config),
+        "device": str(device),
+        "dataset": ds.describe(),
+        "n_images": len(items),
+        "limit": limit,
+        "metric": _BSDS_DOC if metric == "bsds" else _VOC_DOC,
+        "scores": {
+            "raw": _SCORE_DOC["raw"],
+            **({cc_key: _SCORE_DOC["cc"].format(c=connectivity)} if connected_components else {}),
+        },
+        "resize_to_annotation": resize,
+        "code_version": code_version(),
+        "python": sys.version.split()[0],
+        "config": fingerprint["config"],
+    }
+    out_dir = Path(cache_dir) if cache_dir is not None else None
+    if out_dir is not None:
+        _check_protocol(out_dir, fingerprint, resume=resume, overwrite=overwrite)
+
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    plot_rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"eval {ds.kind}", unit="img", file=sys.stderr)
+    try:
+        for item in items:
+            rec = _run_one(
+                item,
+                metric=metric,
+                segment_fn=segment_fn,
+                kwargs={
+                    "preset": preset,
+                    "guidance": guidance,
+                    "scale": scale,
+                    "max_iter": max_iter,
+                    "seed": seed,
+                    "device": device,
+                },
+                out_dir=out_dir,
+                resume=resume and not overwrite,
+                cc=connected_components,
+                connectivity=connectivity,
+                resize=resize,
+                keep_for_plot=plot and len(plot_rows) < n_plot,
+            )
+            if "error" in rec:
+                failed.append({"id": item.id, "error": rec["error"]})
+                warnings.warn(f"{item.id}: skipped ({rec['error']})", stacklevel=2)
+            else:
+                row = rec.pop("_plot", None)
+                if row is not None:
+                    plot_rows.append(row)
+                records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                if records:
+                    key = "All" if metric == "bsds" else "mIoU"
+                    s = summarize(records, metric, "raw")[key]
+                    post = {key: f"{s:.3f}"}
+                    if connected_components:
+                        post[cc_key] = f"{summarize(records, metric, cc_key)[key]:.3f}"
+                    bar.set_postfix(post, refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    report: dict[str, Any] = {
+        "protocol": protocol,
+        "scores": {"raw": summarize(records, metric, "raw")},
+        "n_images": len(items),
+        "n_scored": len(records),
+        "n_failed": len(failed),
+        "failed": failed,
+        "n_cached": sum(1 for r in records if r["cached"]),
+        "seconds": time.perf_counter() - t_start,
+        "segment_seconds": sum(r["seconds"] for r in records),
+        "images": records,
+    }
+    if connected_components:
+        report["scores"][cc_key] = summarize(records, metric, cc_key)
+    if out_dir is not None:
+        if plot and plot_rows:
+            report["plots"] = _write_plots(out_dir / "plots", plot_rows)
+        from dynaguide.io import save_json
+
+        save_json(out_dir / "report.json", report)
+    return report
+
+
+def _run_one(
+    item: DatasetItem,
+    *,
+    metric: str,
+    segment_fn: Callable[..., Any],
+    kwargs: dict[str, Any],
+    out_dir: Path | None,
+    resume: bool,
+    cc: bool,
+    connectivity: int,
+    resize: bool,
+    keep_for_plot: bool,
+) -> dict[str, Any]:
+    cache_path = out_dir / "predictions" / f"{item.id}.npz" if out_dir is not None else None
+    try:
+        annotations = item.annotations
+        cached = None
+        if cache_path is not None and resume and cache_path.exists():
+            try:
+                cached = load_cached(cache_path)
+            except ValueError as exc:
+                warnings.warn(f"{exc}; recomputing", stacklevel=3)
+        if cached is not None:
+            labels, guide, history, meta = (
+                cached["labels"],
+                cached["guide_labels"],
+                cached["history"],
+                cached["meta"],
+            )
+            image = item.load_image() if keep_for_plot else None
+        else:
+            seg = segment_fn(item.image_path, name=item.id, **kwargs)
+            labels = np.asarray(seg.labels)
+            guide = None if seg.guide_labels is None else np.asarray(seg.guide_labels)
+            history = {k: list(seg.history.get(k, [])) for k in ("loss", "n_labels")}
+            meta = {
+                "cache_format": CACHE_FORMAT,
+                "id": item.id,
+                "n_labels": int(seg.n_labels),
+                "n_iter": int(seg.n_iter),
+                "seconds": float(seg.seconds),
+                "stop_reason": str(seg.stop_reason),
+            }
+            image = (
+                np.asarray(seg.image)
+                if keep_for_plot and getattr(seg, "image", None) is not None
+                else None
+            )
+            if keep_for_plot and image is None:
+                image = item.load_image()
+            if cache_path is not None:
+                _save_cached(cache_path, seg, meta)
+        scores = {
+            "raw": _score(
+                metric, labels, annotations, cc=False, connectivity=connectivity, resize=resize
+            )
+        }
+        if cc:
+            scores[f"cc{connectivity}"] = _score(
+                metric, labels, annotations, cc=True, connectivity=connectivity, resize=resize
+            )
+    except _PER_IMAGE_ERRORS as exc:
+        return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
+    rec: dict[str, Any] = {
+        "id": item.id,
+        "image": str(item.image_path),
+        "n_labels": meta["n_labels"],
+        "n_iter": meta["n_iter"],
+        "seconds": meta["seconds"],
+        "stop_reason": meta["stop_reason"],
+        "cached": cached is not None,
+        "scores": scores,
+    }
+    if keep_for_plot:
+        key = "All" if metric == "bsds" else "mIoU"
+        title = f"{item.id}  K={meta['n_labels']}  {key} raw {scores['raw'][key]:.3f}"
+        if cc:
+            title += f"  cc {scores[f'cc{connectivity}'][key]:.3f}"
+        rec["_plot"] = {
+            "image": image,
+            "annotation": annotations[0],
+            "guide": guide,
+            "result": labels,
+            "title": title,
+            "history": history,
+            "id": item.id,
+        }
+    return rec
+
+
+def _write_plots(folder: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
+    from dynaguide.eval.plots import comparison_grid, history_plot
+
+    grid = comparison_grid(rows, folder / "grid.png")
+    curves = history_plot([(r["id"], r["history"]) for r in rows], folder / "history.png")
+    return {"grid": str(grid), "history": str(curves)}

@@ -1,0 +1,120 @@
+"""Guidance: global pseudo-labels that steer the per-image refinement.
+
+``guidance=`` in :func:`dynaguide.segment` accepts ``None``/``"none"``, a registered name
+(``kmeans``, ``felzenszwalb``, ``slic``, and the learned guides registered by
+:mod:`dynaguide.guidance.segformer` / :mod:`dynaguide.guidance.diffseg`), a label array,
+a :class:`Guide` instance, or any callable ``rgb_uint8 -> (H, W) labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
+from dynaguide.guidance.base import Guide, available_guides, get_guide, register_guide
+from dynaguide.guidance.classic import FelzenszwalbGuide, KMeansGuide, SlicGuide
+
+__all__ = [
+    "IGNORE_INDEX",
+    "FelzenszwalbGuide",
+    "Guide",
+    "GuideAligner",
+    "KMeansGuide",
+    "SlicGuide",
+    "available_guides",
+    "compute_guide_labels",
+    "get_guide",
+    "register_guide",
+]
+
+register_guide(
+    "kmeans",
+    KMeansGuide,
+    description="k-means (k=5) on LAB colour: the released code's 'DiffSeg' guide",
+)
+register_guide(
+    "felzenszwalb", FelzenszwalbGuide, description="Felzenszwalb graph segmentation (scikit-image)"
+)
+register_guide("slic", SlicGuide, description="SLIC superpixels (scikit-image)")
+
+
+def _register_learned() -> None:
+    """Register the ONNX-backed guides; their heavy imports happen only when built."""
+    import importlib
+
+    for module in ("dynaguide.guidance.segformer", "dynaguide.guidance.diffseg"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+_register_learned()
+
+
+def compute_guide_labels(
+    guidance: Any, image: np.ndarray, *, options: dict[str, Any] | None = None, name: str = "image"
+) -> tuple[np.ndarray | None, str | None]:
+    """Resolve ``guidance`` and return (labels (H, W) int32 or None, guide name or None).
+
+    Parameters
+    ----------
+    guidance : None, str, array, Guide or callable
+    image : ndarray (H, W, 3) uint8 RGB
+        The image the labels must cover (already at refinement size).
+    options : dict, optional
+        Keyword options for a registered guide's factory.
+    name : str
+        Name of the input, for error messages.
+
+    Raises
+    ------
+    ValueError, TypeError
+        When the guidance or its output has the wrong type or shape.
+    """
+    if guidance is None or (isinstance(guidance, str) and guidance.lower() == "none"):
+        return None, None
+    h, w = image.shape[:2]
+    if isinstance(guidance, str):
+        guide: Callable[[np.ndarray], np.ndarray] = get_guide(guidance, **(options or {}))
+        label = guidance.lower()
+    elif isinstance(guidance, np.ndarray) or (
+        hasattr(guidance, "__array__") and not callable(guidance)
+    ):
+        guide = None  # type: ignore[assignment]
+        label = "array"
+    elif callable(guidance):
+        guide = guidance
+        label = getattr(guidance, "name", getattr(guidance, "__name__", type(guidance).__name__))
+    else:
+        raise TypeError(
+            f"guidance for {name} must be None, a guide name, a label array or a callable, "
+            f"got {type(guidance).__name__}"
+        )
+    labels = np.asarray(guidance) if guide is None else np.asarray(guide(image))
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.shape != (h, w):
+        raise ValueError(
+            f"guide {label!r} for {name} gave labels of shape {labels.shape}, expected {(h, w)}"
+        )
+    if labels.dtype.kind not in "iub":
+        if (
+            labels.dtype.kind == "f"
+            and np.all(np.isfinite(labels))
+            and np.all(labels == np.round(labels))
+        ):
+            labels = labels.astype(np.int64)
+        else:
+            raise TypeError(
+                f"guide {label!r} for {name} gave non-integer labels of dtype {labels.dtype}"
+            )
+    if labels.size and (
+        labels.max() > np.iinfo(np.int32).max or labels.min() < np.iinfo(np.int32).min
+    ):
+        raise ValueError(f"guide {label!r} for {name} gave labels outside the int32 range")
+    return labels.astype(np.int32), label

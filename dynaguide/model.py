@@ -1,0 +1,98 @@
+"""The per-image CNN (SPEC §1.1, §3.1).
+
+``conv3x3 -> ReLU -> BN`` blocks, an optional skip branch, then a ``1x1 conv -> BN``
+classifier whose output is the response map. The network never pools or strides, so
+the response keeps the input resolution. BatchNorm normalises with the batch statistics
+of the single image while training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynaguide.config import RefineConfig
+
+
+class RefineNet(nn.Module):
+    """Response network: (N, 3, H, W) float image -> (N, C, H, W) response map.
+
+    Parameters
+    ----------
+    n_channels : int
+        Width p of the hidden layers and number q of response channels.
+    n_conv : int
+        Number of 3x3 conv blocks (conv -> ReLU -> BN).
+    skip : {"none", "separate", "shared"}
+        ``"separate"``: an independent 3x3 conv (3 -> p) whose raw output is added before
+        the classifier (106,400 parameters with p=100, n_conv=2). ``"shared"``: the raw
+        output of the first conv, reused (the released DynaGuide code).
+    in_channels : int
+        Input channels (3 for colour images).
+    """
+
+    def __init__(
+        self, n_channels: int = 100, n_conv: int = 2, skip: str = "none", in_channels: int = 3
+    ):
+        super().__init__()
+        if skip not in ("none", "separate", "shared"):
+            raise ValueError(f"skip must be 'none', 'separate' or 'shared', got {skip!r}")
+        self.skip_mode = skip
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for i in range(n_conv):
+            self.convs.append(
+                nn.Conv2d(in_channels if i == 0 else n_channels, n_channels, 3, padding=1)
+            )
+            self.norms.append(nn.BatchNorm2d(n_channels))
+        self.skip = nn.Conv2d(in_channels, n_channels, 3, padding=1) if skip == "separate" else None
+        self.classifier = nn.Conv2d(n_channels, n_channels, 1)
+        self.out_norm = nn.BatchNorm2d(n_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Response map of ``x`` (N, 3, H, W) -> (N, C, H, W)."""
+        first = self.convs[0](x)
+        h = self.norms[0](torch.relu(first))
+        for conv, norm in zip(self.convs[1:], self.norms[1:], strict=True):
+            h = norm(torch.relu(conv(h)))
+        if self.skip_mode == "shared":
+            h = h + first
+        elif self.skip is not None:
+            h = h + self.skip(x)
+        return self.out_norm(self.classifier(h))
+
+
+def build_model(
+    config: RefineConfig, *, seed: int | None = None, device: str | torch.device = "cpu"
+) -> RefineNet:
+    """Build the network of ``config`` with weights drawn from ``seed``.
+
+    The global RNG state is left untouched (the draw happens inside a forked RNG).
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = RefineNet(config.n_channels, config.n_conv, config.skip)
+    return model.to(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (weights, biases and BN affine terms)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def conv_flops_per_pixel(config: RefineConfig, *, training: bool = True) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the convolutions per pixel.
+
+    Training counts forward + backward as 3x forward (input and weight gradients),
+    except the first layer's input gradient, which is not needed.
+    """
+    p, q = config.n_channels, config.n_channels
+    first = 2 * 3 * p * 9
+    hidden = 2 * p * p * 9 * (config.n_conv - 1)
+    head = 2 * p * q
+    skip = first if config.skip == "separate" else 0
+    fwd = first + hidden + head + skip
+    if not training:
+        return float(fwd)
+    return float(fwd + 2 * (hidden + head) + (first + skip))

@@ -1,0 +1,327 @@
+"""The per-image optimisation loop (SPEC §1.4, §2, §3.5).
+
+One iteration: forward the image through a fresh network, take the argmax labels and
+their count K, form ``sim + w(K) * continuity (+ guidance)``, back-propagate, SGD step.
+
+K, the dynamic weight and the loss history stay on the device: nothing in the iteration
+waits for the host. Stopping rules are evaluated every iteration on CPU (where reading a
+number costs nothing) and every ``config.check_every`` iterations on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynaguide import losses
+from dynaguide.config import RefineConfig
+from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
+from dynaguide.model import RefineNet, build_model
+
+ProgressCallback = Callable[[int, float, int], None]
+
+
+@dataclass
+class RefineResult:
+    """Raw outcome of :func:`refine` (labels are CNN channel ids, not yet compact)."""
+
+    labels: torch.Tensor  # (H, W) int64 on the refinement device
+    n_iter: int
+    loss_history: list[float]
+    k_history: list[int]
+    stop_reason: str
+    opt_clusters: int | None
+    seconds: float
+    model: RefineNet
+
+
+def image_tensor(image: np.ndarray, config: RefineConfig, device: torch.device) -> torch.Tensor:
+    """(1, 3, H, W) float32 network input in [0, 1], channel order per ``config.input_order``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    if config.input_order == "bgr":
+        x = x.flip(-1)
+    x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def dynamic_weight(config: RefineConfig, k: torch.Tensor) -> torch.Tensor:
+    """Continuity weight w(K) as a device tensor (no host synchronisation)."""
+    kf = k.to(torch.float32)
+    if config.weight_mode == "constant":
+        return torch.full_like(kf, config.mu)
+    if config.weight_mode in ("fsf", "dynaguide"):
+        return kf / config.beta
+    return config.scf_mu / kf.clamp_min(1.0)  # scf
+
+
+class _Stopper:
+    """Stopping rules over the on-device K and label history."""
+
+    def __init__(self, config: RefineConfig, opt_clusters: int | None, device: torch.device):
+        self.config = config
+        self.every = 1 if device.type == "cpu" else config.check_every
+        floor = config.min_labels
+        if opt_clusters is not None and config.silhouette_stop:
+            floor = opt_clusters - 1  # stop when K < opt_nC
+        self.floor = floor
+        self.snapshot: torch.Tensor | None = None
+        self.snapshot_iter = 0
+
+    def check(self, it: int, k_hist: torch.Tensor, labels: torch.Tensor) -> str | None:
+        """Reason to stop after iteration ``it`` (0-based), or None. Reads the device."""
+        cfg = self.config
+        if self.floor > 0:
+            lo = max(0, it + 1 - self.every)
+            if bool((k_hist[lo : it + 1] <= self.floor).any()):
+                return f"K <= {self.floor}"
+        if cfg.convergence_tol > 0:
+            if self.snapshot is None:
+                self.snapshot, self.snapshot_iter = labels.clone(), it
+            elif it - self.snapshot_iter >= cfg.convergence_window:
+                changed = float((labels != self.snapshot).float().mean())
+                self.snapshot, self.snapshot_iter = labels.clone(), it
+                if changed < cfg.convergence_tol:
+                    return f"converged ({changed:.2e} of pixels changed over {cfg.convergence_window} iterations)"
+        return None
+
+
+class RefineStep:
+    """One network, optimiser and objective: ``step()`` runs one training iteration.
+
+    Parameters
+    ----------
+    image : ndarray (H, W, 3) uint8 RGB
+    config : RefineConfig
+    guide_labels : ndarray (H, W) int, optional
+    device : torch.device
+    seed : int
+    backend : str, optional
+        Forces the loss backend (``"torch"`` for the plain reference path).
+    channels_last : bool
+        Run the convolutions in channels-last layout (much faster on CPU).
+    """
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        config: RefineConfig,
+        *,
+        guide_labels: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        backend: str | None = None,
+        channels_last: bool = True,
+        amp: bool = False,
+    ):
+        device = torch.device(device)
+        self.config = config
+        self.backend = backend
+        self.amp = amp
+        self.device = device
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.x = image_tensor(image, config, device).contiguous(memory_format=fmt)
+        self.model = build_model(config, seed=seed, device=device).to(memory_format=fmt)
+        self.model.train()
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        self.opt_clusters = _silhouette_phase(image, config, self.model, self.x, seed)
+        self.k_floor = torch.tensor(self.opt_clusters or 0, device=device)
+        self.aligner = None
+        if guide_labels is not None and config.guidance_weight > 0:
+            g = torch.from_numpy(np.asarray(guide_labels, dtype=np.int64)).to(device)
+            self.aligner = GuideAligner(g, config.n_channels, config.alignment)
+
+    def step(
+        self, *, refresh_alignment: bool = True, zero_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One iteration; returns (loss, labels (H, W), K) as device tensors.
+
+        The labels and K are those of this iteration's forward pass (before its SGD
+        step), as in the authors' loop.
+        """
+        cfg, be = self.config, self.backend
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            response = self.model(self.x)[0]
+        sim, labels, k = losses.similarity_loss(response, backend=be)
+        weight = dynamic_weight(cfg, torch.maximum(k, self.k_floor))
+        cont = losses.continuity_loss(
+            response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta, backend=be
+        )
+        loss = cfg.similarity_weight * sim + weight * cont
+        if self.aligner is not None:
+            target = self.aligner.target(labels, refresh=refresh_alignment)
+            guide = losses.guidance_loss(response, target, ignore_index=IGNORE_INDEX, backend=be)
+            loss = loss + cfg.guidance_weight * guide
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), labels, k
+
+
+class CudaGraphStep:
+    """Replays a whole :class:`RefineStep` iteration (forward, losses, backward, SGD) as a CUDA graph.
+
+    The first ``warmup`` iterations run eagerly on a side stream (allocator and library
+    warm-up; they are real iterations of the run), the next one is captured, and every
+    later call replays the graph. The guide target is a static buffer that
+    :class:`GuideAligner` updates in place between replays; the reference (sorted-id)
+    alignment reads the live label set on the host and cannot be captured.
+    """
+
+    def __init__(self, state: RefineStep, *, warmup: int = 3):
+        if state.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {state.device}")
+        if state.aligner is not None and state.aligner.mode == "reference":
+            raise ValueError("the 'reference' guide alignment cannot be captured in a CUDA graph")
+        self.state = state
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(
+        self, *, refresh_alignment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run one iteration; returns the static (loss, labels, K) tensors."""
+        state = self.state
+        self.calls += 1
+        if self.graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream(device=state.device)
+            side.wait_stream(torch.cuda.current_stream(state.device))
+            with torch.cuda.stream(side):
+                out = state.step(refresh_alignment=refresh_alignment)
+            torch.cuda.current_stream(state.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            state.opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.static = state.step(refresh_alignment=False, zero_grad=False)
+        elif refresh_alignment and state.aligner is not None and self.static is not None:
+            state.aligner.target(self.static[1], refresh=True)  # in-place buffer update
+        self.graph.replay()
+        assert self.static is not None
+        return self.static
+
+
+def refine(
+    image: np.ndarray,
+    config: RefineConfig,
+    *,
+    guide_labels: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    callback: ProgressCallback | None = None,
+    backend: str | None = None,
+    channels_last: bool = True,
+    amp: bool = False,
+    cuda_graph: bool = False,
+) -> RefineResult:
+    """Train a fresh network on one image and return its argmax labels.
+
+    Parameters
+    ----------
+    image : ndarray (H, W, 3) uint8 RGB
+        Already validated (see :func:`dynaguide.io.load_image`) and at refinement size.
+    config : RefineConfig
+    guide_labels : ndarray (H, W) int, optional
+        Pseudo-labels (negative = unguided); aligned to the channels per
+        ``config.alignment``.
+    device : str or torch.device
+    seed : int
+        Seeds the weight initialisation (and the silhouette sample). CPU runs are
+        deterministic for a given seed.
+    callback : callable(iteration, loss, K), optional
+        Called at every stopping check (every iteration on CPU).
+    backend : str, optional
+        Force a loss backend (``"torch"`` = plain reference path).
+    channels_last : bool
+        Channels-last convolutions (default; the reference path uses False).
+    amp : bool
+        bf16 autocast for the convolutions (losses accumulate in float32).
+    cuda_graph : bool
+        Capture the iteration in a CUDA graph and replay it (CUDA only).
+    """
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    state = RefineStep(
+        image,
+        config,
+        guide_labels=guide_labels,
+        device=dev,
+        seed=seed,
+        backend=backend,
+        channels_last=channels_last,
+        amp=amp,
+    )
+    run_step = CudaGraphStep(state) if cuda_graph else state.step
+    stopper = _Stopper(config, state.opt_clusters, dev)
+    loss_hist = torch.zeros(config.max_iter, device=dev)
+    k_hist = torch.zeros(config.max_iter, dtype=torch.int64, device=dev)
+    stop_reason = f"max_iter ({config.max_iter})"
+    labels = None
+    n_iter = config.max_iter
+    for it in range(config.max_iter):
+        at_check = (it + 1) % stopper.every == 0 or it + 1 == config.max_iter
+        loss, labels, k = run_step(refresh_alignment=at_check or it == 0)
+        loss_hist[it] = loss
+        k_hist[it] = k
+        if at_check:
+            if callback is not None:
+                callback(it, float(loss_hist[it]), int(k_hist[it]))
+            reason = stopper.check(it, k_hist, labels)
+            if reason is not None:
+                stop_reason, n_iter = reason, it + 1
+                break
+
+    assert labels is not None
+    labels = _final_labels(state.model, state.x, labels, config)
+    return RefineResult(
+        labels=labels,
+        n_iter=n_iter,
+        loss_history=loss_hist[:n_iter].tolist(),
+        k_history=k_hist[:n_iter].tolist(),
+        stop_reason=stop_reason,
+        opt_clusters=state.opt_clusters,
+        seconds=time.perf_counter() - t0,
+        model=state.model,
+    )
+
+
+def _silhouette_phase(
+    image: np.ndarray, config: RefineConfig, model: RefineNet, x: torch.Tensor, seed: int
+) -> int | None:
+    if config.silhouette == "off":
+        return None
+    from dynaguide.silhouette import optimal_clusters, pixel_features
+
+    response = None
+    if config.silhouette_features == "response":
+        with torch.no_grad():
+            response = model(x)[0].float().cpu().numpy()
+        # The forward above updated the BN running statistics; that is harmless in train mode.
+    feats = pixel_features(image, config.silhouette_features, response)
+    return optimal_clusters(
+        feats, k_range=config.silhouette_k, samples=config.silhouette_samples, seed=seed
+    )
+
+
+@torch.no_grad()
+def _final_labels(
+    model: RefineNet, x: torch.Tensor, last: torch.Tensor, config: RefineConfig
+) -> torch.Tensor:
+    if config.final_pass == "last":
+        return last
+    model.train(config.final_pass == "train")
+    out = model(x)[0].argmax(dim=0)
+    model.train()
+    return out
