@@ -1,0 +1,24 @@
+"""Test-session setup.
+
+Triton kernels run in the CPU interpreter when no GPU is present; the variable must be set
+before triton is imported or any kernel is defined, hence here, first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dynaguide  # noqa: E402
+
+
+def pytest_report_header(config):  # noqa: ARG001
+    """Say which dynaguide is under test and which backends it has."""
+    report = dynaguide.env_report()
+    return [f"dynaguide {dynaguide.__version__} from {os.path.dirname(dynaguide.__file__)}"] + [
+        f"  {k}: {v}" for k, v in report.items()
+    ]
