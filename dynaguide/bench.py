@@ -44,7 +44,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_DATA", "add_arguments", "build_parser", "main", "register", "run"]
+__all__ = [
+    "DEFAULT_DATA",
+    "add_arguments",
+    "bench_image",
+    "bench_losses",
+    "bench_step",
+    "bench_throughput",
+    "build_parser",
+    "copy_rate",
+    "load_images",
+    "main",
+    "register",
+    "run",
+]
 
 #: BSDS500 validation images of the development checkout (``../shared`` beside the repo).
 DEFAULT_DATA = (

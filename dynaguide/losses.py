@@ -186,7 +186,8 @@ def guidance_loss_reference(
     if r.dtype in (torch.float16, torch.bfloat16):
         r = r.float()
     n = r.shape[0]
-    safe = torch.where(t == ignore_index, 0, t)  # any ignore_index, even >= C
+    # any ignore_index (even >= C); other negative targets count as class 0, as in the fast paths
+    safe = torch.where(t == ignore_index, 0, t).clamp_min(0)
     ce = F.cross_entropy(r, safe, reduction="none")
     valid = (t != ignore_index).to(ce.dtype)
     per_image = (ce * valid).reshape(n, -1).sum(1) / valid.reshape(n, -1).sum(1).clamp_min(1.0)
@@ -301,7 +302,9 @@ def guidance_loss(
     ----------
     response : Tensor, shape (C, H, W) or (N, C, H, W)
     target : integer Tensor, shape (H, W) or (N, H, W)
-        Channel index per pixel, or ``ignore_index`` for pixels without guidance.
+        Channel index per pixel, or ``ignore_index`` for pixels without guidance. Values
+        are not range-checked (that would need a host synchronisation on GPU): a
+        negative value other than ``ignore_index`` counts as class 0.
     ignore_index : int
     reduction : {"mean", "sum", "none"}
     backend : str, optional

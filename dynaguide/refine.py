@@ -138,6 +138,8 @@ class RefineStep:
         if guide_labels is not None and config.guidance_weight > 0:
             g = torch.from_numpy(np.asarray(guide_labels, dtype=np.int64)).to(device)
             self.aligner = GuideAligner(g, config.n_channels, config.alignment)
+        self.fused = _fused_objective(device, backend)
+        self.prev_labels: torch.Tensor | None = None
 
     def step(
         self, *, refresh_alignment: bool = True, zero_grad: bool = True
@@ -152,18 +154,43 @@ class RefineStep:
             self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             response = self.model(self.x)[0]
-        sim, labels, k = losses.similarity_loss(response, backend=be)
-        weight = dynamic_weight(cfg, torch.maximum(k, self.k_floor))
-        cont = losses.continuity_loss(
-            response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta, backend=be
-        )
-        loss = cfg.similarity_weight * sim + weight * cont
-        if self.aligner is not None:
-            target = self.aligner.target(labels, refresh=refresh_alignment)
-            guide = losses.guidance_loss(response, target, ignore_index=IGNORE_INDEX, backend=be)
-            loss = loss + cfg.guidance_weight * guide
+        if self.fused is not None and (self.aligner is None or self.prev_labels is not None):
+            # One fused kernel pair for the whole objective; the guide alignment is refreshed
+            # from the previous iteration's labels (the current ones come out of the kernel).
+            target = None
+            if self.aligner is not None:
+                target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
+            loss, labels, k = self.fused(
+                response,
+                target,
+                weight=cfg.weight_mode,
+                mu=cfg.mu,
+                beta=cfg.beta,
+                scf_mu=cfg.scf_mu,
+                k_min=self.k_floor,
+                similarity_weight=cfg.similarity_weight,
+                guidance_weight=cfg.guidance_weight if target is not None else 0.0,
+                penalty=cfg.penalty,
+                neighbors=cfg.neighbors,
+                delta=cfg.delta,
+                ignore_index=IGNORE_INDEX,
+            )
+        else:
+            sim, labels, k = losses.similarity_loss(response, backend=be)
+            weight = dynamic_weight(cfg, torch.maximum(k, self.k_floor))
+            cont = losses.continuity_loss(
+                response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta, backend=be
+            )
+            loss = cfg.similarity_weight * sim + weight * cont
+            if self.aligner is not None:
+                target = self.aligner.target(labels, refresh=refresh_alignment)
+                guide = losses.guidance_loss(
+                    response, target, ignore_index=IGNORE_INDEX, backend=be
+                )
+                loss = loss + cfg.guidance_weight * guide
         loss.backward()
         self.opt.step()
+        self.prev_labels = labels
         return loss.detach(), labels, k
 
 
@@ -211,6 +238,18 @@ class CudaGraphStep:
         self.graph.replay()
         assert self.static is not None
         return self.static
+
+
+def _fused_objective(device: torch.device, backend: str | None) -> Callable | None:
+    """The fused Triton objective when the loss backend for ``device`` is Triton, else None."""
+    from dynaguide import backend as _backend
+
+    choice = _backend.select(device, supported=("torch", "triton", "native"), backend=backend)
+    if choice != "triton":
+        return None
+    from dynaguide.kernels import dynaguide_loss
+
+    return dynaguide_loss
 
 
 def refine(

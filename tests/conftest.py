@@ -13,10 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dynaguide  # noqa: E402
+import dynaguide
 
 
-def pytest_report_header(config):  # noqa: ARG001
+def pytest_report_header(config):
     """Say which dynaguide is under test and which backends it has."""
     report = dynaguide.env_report()
     return [f"dynaguide {dynaguide.__version__} from {os.path.dirname(dynaguide.__file__)}"] + [

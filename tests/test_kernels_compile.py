@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_all_kernels_compile_for_sm90():
     proc = subprocess.run(
         [sys.executable, "-m", "dynaguide.kernels._compile_check", "--arch", "90", "--quick"],
         env=env,
+        cwd=tempfile.gettempdir(),  # not the source tree, which would shadow the installed package
         capture_output=True,
         text=True,
         timeout=600,
