@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,8 @@ def main() -> None:
         "images": names,
         "scale": args.scale,
         "matmul_gflops": rate / 1e9,
+        # other processes on the machine distort CPU timings (OpenMP threads get preempted)
+        "load_average_at_start": list(os.getloadavg()),
     }
     if "step" in sections:
         step = bench.bench_step(images, guides, config, device, repeats=args.step_repeats)
@@ -179,6 +182,7 @@ def main() -> None:
         else:
             print("memory estimate check (peak RSS growth over two iterations):")
             payload["memory"] = memory_check(args.preset)
+    payload["load_average_at_end"] = list(os.getloadavg())
     print("wrote", write_results("throughput", device, payload, args.out))
 
 

@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from dynaguide.api import segment
 from dynaguide.backend import env_report
 from dynaguide.batch import segment_batch
+from dynaguide.batched import refine_batch
 from dynaguide.config import RefineConfig, get_preset, presets
 from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
 from dynaguide.native import connected_components, relabel_sequential
@@ -40,6 +41,7 @@ __all__ = [
     "get_preset",
     "label_colors",
     "presets",
+    "refine_batch",
     "register_guide",
     "relabel_sequential",
     "segment",

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynaguide.batched import estimate_refine_bytes, free_memory
 from dynaguide.config import RefineConfig, get_preset
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image
@@ -88,34 +89,14 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes on ``device`` (CUDA free memory, or available RAM), None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def activation_bytes(size: tuple[int, int], config: RefineConfig) -> int:
-    """Rough float32 memory of one training iteration at ``size``.
-
-    About three tensors per conv block (conv output, ReLU, BN) kept for backward, plus
-    the skip, classifier, BN, softmax and gradient buffers of the head and losses.
-    """
-    h, w = size
-    return (3 * config.n_conv + 10) * config.n_channels * 4 * h * w
-
-
 def _check_memory(
     size: tuple[int, int], config: RefineConfig, device: torch.device, name: str
 ) -> None:
     """Raise MemoryError with advice when one refinement clearly cannot fit."""
-    free = available_memory(device)
-    need = activation_bytes(size, config)
-    if free is not None and need > 0.9 * free:
-        h, w = size
+    h, w = size
+    free = free_memory(device)
+    need = estimate_refine_bytes(h, w, config)
+    if need > 0.9 * free:
         raise MemoryError(
             f"{name}: refining at {w}x{h} needs about {need / 2**30:.1f} GiB but only "
             f"{free / 2**30:.1f} GiB is free on {device}; pass scale= or a smaller max_pixels"

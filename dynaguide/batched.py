@@ -74,7 +74,13 @@ from dynaguide import losses
 from dynaguide.config import RefineConfig
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
-from dynaguide.refine import RefineResult, RefineStep, _final_labels, dynamic_weight
+from dynaguide.refine import (
+    RefineResult,
+    RefineStep,
+    _final_labels,
+    _fused_objective,
+    dynamic_weight,
+)
 
 __all__ = [
     "BatchCallback",
@@ -337,9 +343,10 @@ class BatchedRefiner:
         self.hist_k = torch.zeros(0, config.max_iter, dtype=torch.long, device=device)
         self.snapshot = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.targets = torch.zeros(0, h, w, dtype=torch.long, device=device)
+        self.prev_labels = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.its = torch.zeros(0, dtype=torch.long, device=device)
         self._cols = torch.arange(config.max_iter, device=device)
-        self._guided = False
+        self.fused = _fused_objective(device, backend)
         self._vmapped: Callable[..., torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ membership
@@ -418,7 +425,6 @@ class BatchedRefiner:
         self.stop_floor = torch.tensor(
             [s.stop_floor for s in self.slots], dtype=torch.long, device=dev
         )
-        self._guided = any(s.aligner is not None for s in self.slots)
         fresh = len(new)
         self.hist_loss = merged(self.hist_loss, [torch.zeros(cfg.max_iter, device=dev)] * fresh)
         self.hist_k = merged(
@@ -431,6 +437,9 @@ class BatchedRefiner:
         self.targets = merged(
             self.targets,
             [torch.full((h, w), IGNORE_INDEX, dtype=torch.long, device=dev)] * fresh,
+        )
+        self.prev_labels = merged(
+            self.prev_labels, [torch.zeros(h, w, dtype=torch.long, device=dev)] * fresh
         )
         for s in new:
             s.last_target = None
@@ -503,26 +512,39 @@ class BatchedRefiner:
     # ------------------------------------------------------------------ one iteration
     def step(self, refresh: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training iteration of every slot; returns per-image (loss (N,), labels
-        (N, H, W), K (N,)) as device tensors, and records loss and K in the histories."""
-        cfg, be = self.config, self.backend
+        (N, H, W), K (N,)) as device tensors, and records loss and K in the histories.
+
+        The objective is computed as :meth:`dynaguide.refine.RefineStep.step` computes it
+        for each image: with the fused Triton objective where the loss backend is Triton
+        (guide targets aligned to the previous iteration's labels; a guided image's first
+        iteration, which has none, takes the unfused path), else with the three losses of
+        :mod:`dynaguide.losses`.
+        """
         assert self.opt is not None
         self.opt.zero_grad(set_to_none=True)
         response = self.forward()
-        sim, labels, k = losses.similarity_loss(response, reduction="none", backend=be)
-        weight = dynamic_weight(cfg, torch.maximum(k, self.k_floor))
-        cont = losses.continuity_loss(
-            response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-            reduction="none", backend=be,
-        )  # fmt: skip
-        loss = cfg.similarity_weight * sim + weight * cont
-        if self._guided:
-            target = self._target(labels, refresh)
-            guide = losses.guidance_loss(
-                response, target, ignore_index=IGNORE_INDEX, reduction="none", backend=be
-            )
-            loss = loss + cfg.guidance_weight * guide
+        n = len(self.slots)
+        everyone = list(range(n))
+        ready = everyone
+        if self.fused is not None:
+            ready = [p for p, s in enumerate(self.slots) if s.aligner is None or s.it > 0]
+        if self.fused is None or not ready:
+            loss, labels, k = self._unfused(response, everyone, refresh)
+        elif len(ready) == n:
+            loss, labels, k = self._fused(response, everyone, refresh)
+        else:  # guided newcomers this iteration: split the batch as the solo loops would
+            first = [p for p in everyone if p not in ready]
+            idx_r = torch.tensor(ready, dtype=torch.long, device=self.device)
+            idx_f = torch.tensor(first, dtype=torch.long, device=self.device)
+            lr, lab_r, k_r = self._fused(response.index_select(0, idx_r), ready, refresh)
+            lf, lab_f, k_f = self._unfused(response.index_select(0, idx_f), first, refresh)
+            loss = lr.new_zeros(n).index_copy(0, idx_r, lr).index_copy(0, idx_f, lf.to(lr.dtype))
+            labels = lab_r.new_empty(n, *lab_r.shape[1:])
+            labels.index_copy_(0, idx_r, lab_r).index_copy_(0, idx_f, lab_f)
+            k = k_r.new_empty(n).index_copy_(0, idx_r, k_r).index_copy_(0, idx_f, k_f)
         loss.sum().backward()
         self.opt.step()
+        self.prev_labels = labels
         loss = loss.detach()
         col = self.its.unsqueeze(1)
         self.hist_loss.scatter_(1, col, loss.unsqueeze(1))
@@ -533,17 +555,68 @@ class BatchedRefiner:
             s.bn_batches += 1
         return loss, labels, k
 
-    def _target(self, labels: torch.Tensor, refresh: Sequence[bool]) -> torch.Tensor:
-        for p, s in enumerate(self.slots):
+    def _rows(self, t: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Rows ``positions`` of a per-slot tensor (the tensor itself for all slots)."""
+        if len(positions) == len(self.slots):
+            return t
+        return t.index_select(0, torch.tensor(list(positions), dtype=torch.long, device=t.device))
+
+    def _unfused(
+        self, response: torch.Tensor, positions: Sequence[int], refresh: Sequence[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-image objective of the slots ``positions`` (rows of ``response``), three losses."""
+        cfg, be = self.config, self.backend
+        sim, labels, k = losses.similarity_loss(response, reduction="none", backend=be)
+        weight = dynamic_weight(cfg, torch.maximum(k, self._rows(self.k_floor, positions)))
+        cont = losses.continuity_loss(
+            response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+            reduction="none", backend=be,
+        )  # fmt: skip
+        loss = cfg.similarity_weight * sim + weight * cont
+        if any(self.slots[p].aligner is not None for p in positions):
+            self._update_targets(positions, labels, refresh)
+            guide = losses.guidance_loss(
+                response, self._rows(self.targets, positions), ignore_index=IGNORE_INDEX,
+                reduction="none", backend=be,
+            )  # fmt: skip
+            loss = loss + cfg.guidance_weight * guide
+        return loss, labels, k
+
+    def _fused(
+        self, response: torch.Tensor, positions: Sequence[int], refresh: Sequence[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-image objective of the slots ``positions`` through the fused Triton kernel."""
+        cfg = self.config
+        assert self.fused is not None
+        target = None
+        if any(self.slots[p].aligner is not None for p in positions):
+            self._update_targets(positions, self._rows(self.prev_labels, positions), refresh)
+            target = self._rows(self.targets, positions)
+        out = self.fused(
+            response, target, weight=cfg.weight_mode, mu=cfg.mu, beta=cfg.beta,
+            scf_mu=cfg.scf_mu, k_min=self._rows(self.k_floor, positions),
+            similarity_weight=cfg.similarity_weight,
+            guidance_weight=cfg.guidance_weight if target is not None else 0.0,
+            penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+            ignore_index=IGNORE_INDEX, reduction="none",
+        )  # fmt: skip
+        return out[0], out[1], out[2]
+
+    def _update_targets(
+        self, positions: Sequence[int], labels: torch.Tensor, refresh: Sequence[bool]
+    ) -> None:
+        """Align the guide of each slot in ``positions`` to its row of ``labels``
+        (``labels[j]`` belongs to ``positions[j]``) into the per-slot target buffer."""
+        for j, p in enumerate(positions):
+            s = self.slots[p]
             if s.aligner is None:
                 continue
-            t = s.aligner.target(labels[p], refresh=refresh[p])
+            t = s.aligner.target(labels[j], refresh=refresh[p])
             # The aligner may update its target buffer in place (for CUDA graphs), so a
             # refresh always copies; without one it returns its previous target unchanged.
             if refresh[p] or t is not s.last_target:
                 self.targets[p].copy_(t)
                 s.last_target = t
-        return self.targets
 
     # ------------------------------------------------------------------ stopping
     def due(self) -> list[bool]:

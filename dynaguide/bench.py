@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections import Counter
@@ -532,6 +533,8 @@ def run(args: argparse.Namespace) -> int:
         "preset": config.name,
         "matmul_gflops": rate / 1e9,
         "matmul_dtype": str(rate_dtype),
+        # other processes distort CPU timings (preempted OpenMP threads): say how busy it was
+        "load_average_at_start": list(os.getloadavg()),
     }
     header = f"  {'':<34}{'measured':>10}{'floor':>10}{'floor%':>7}"
 
@@ -621,6 +624,7 @@ def run(args: argparse.Namespace) -> int:
         )
         payload["throughput"] = res
 
+    payload["load_average_at_end"] = list(os.getloadavg())
     path = write_results("bench-tiny" if args.tiny else "bench", device, payload, args.out)
     print(f"\nwrote {path}")
     return 0

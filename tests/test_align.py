@@ -14,7 +14,9 @@ def _brute_force_best(guide: np.ndarray, labels: np.ndarray, n_channels: int) ->
     gs = np.unique(guide[guide >= 0])
     best = -1
     for perm in itertools.permutations(range(n_channels), len(gs)):
-        score = sum(int(np.sum((guide == g) & (labels == c))) for g, c in zip(gs, perm, strict=False))
+        score = sum(
+            int(np.sum((guide == g) & (labels == c))) for g, c in zip(gs, perm, strict=False)
+        )
         best = max(best, score)
     return best
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,31 @@ def test_sparse_checks_as_on_cuda(monkeypatch):
     assert set(calls) == expected and len(calls) == len(expected)
     with pytest.raises(ValueError, match="check_every"):
         refine_batch(images[:1], cfg, check_every=0)
+
+
+def test_fused_triton_objective_matches_solo():
+    """The Triton backend (fused objective, guide aligned to the previous labels; under
+    TRITON_INTERPRET=1 on CPU): mixed batches where a guided image's first iteration takes
+    the unfused path while the others take the fused one, at the start and at a join."""
+    from dynaguide import backend
+
+    if not backend.available("triton") or not (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    ):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    cfg = get_preset("dynaguide").replace(max_iter=5, min_labels=20, convergence_tol=0.0)
+    images = [_image(12, 14, s) for s in range(3)]
+    guides = [_guide(images[0], 0), None, _guide(images[2], 2)]
+    solo = [
+        refine(im, cfg, guide_labels=g, seed=i, backend="triton")
+        for i, (im, g) in enumerate(zip(images, guides, strict=True))
+    ]
+    batched = refine_batch(
+        images, cfg, guide_labels=guides, seed=[0, 1, 2], batch_size=2, backend="triton"
+    )
+    for a, b in zip(solo, batched, strict=True):
+        _assert_same(a, b)
+    assert solo[0].n_iter < solo[1].n_iter  # image 2 joined while image 1 went on
 
 
 def test_convergence_rule_silhouette_floor_and_eval_final_pass():
