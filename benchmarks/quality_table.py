@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/quality-bsds500-val-cpu.json")
     )
+    ap.add_argument(
+        "--baseline",
+        default="dynaguide-kmeans",
+        help="run compared with the others, paired per image",
+    )
     args = ap.parse_args(argv)
     rows = []
     for report in sorted(args.runs.glob("*/report.json")):
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mean_seconds_per_image": data["segment_seconds"] / max(1, data["n_scored"]),
                 "mean_iterations": sum(i.get("n_iter", 0) for i in data["images"])
                 / max(1, len(data["images"])),
+                "per_image_mean_cc8": [i["scores"]["cc8"]["Mean"] for i in data["images"]],
                 "protocol": {
                     k: proto[k]
                     for k in (
@@ -66,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['Mean']:.3f} | {w['All']:.3f} | {w['Mean']:.3f} | {r['mean_iterations']:.0f} | "
             f"{r['mean_seconds_per_image']:.1f} |"
         )
+    base = next((r for r in rows if f"{r['preset']}-{r['guidance']}" == args.baseline), None)
+    if base is not None:
+        print(
+            f"\npaired per-image difference of Mean cc8 vs {args.baseline} (mean +- standard error):"
+        )
+        b = base["per_image_mean_cc8"]
+        for r in sorted(rows, key=lambda r: -r["cc8"]["Mean"]):
+            d = [x - y for x, y in zip(r["per_image_mean_cc8"], b, strict=True)]
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+            r["paired_vs_baseline"] = {"baseline": args.baseline, "mean": mean, "stderr": se}
+            print(f"  {r['preset']:>12} {r['guidance']:<13} {mean:+.4f} +- {se:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(
