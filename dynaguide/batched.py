@@ -70,7 +70,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynaguide import losses
 from dynaguide.config import RefineConfig
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
@@ -79,7 +78,8 @@ from dynaguide.refine import (
     RefineStep,
     _final_labels,
     _fused_objective,
-    dynamic_weight,
+    fused_objective,
+    objective,
 )
 
 __all__ = [
@@ -565,42 +565,29 @@ class BatchedRefiner:
         self, response: torch.Tensor, positions: Sequence[int], refresh: Sequence[bool]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image objective of the slots ``positions`` (rows of ``response``), three losses."""
-        cfg, be = self.config, self.backend
-        sim, labels, k = losses.similarity_loss(response, reduction="none", backend=be)
-        weight = dynamic_weight(cfg, torch.maximum(k, self._rows(self.k_floor, positions)))
-        cont = losses.continuity_loss(
-            response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-            reduction="none", backend=be,
-        )  # fmt: skip
-        loss = cfg.similarity_weight * sim + weight * cont
+        target_of = None
         if any(self.slots[p].aligner is not None for p in positions):
-            self._update_targets(positions, labels, refresh)
-            guide = losses.guidance_loss(
-                response, self._rows(self.targets, positions), ignore_index=IGNORE_INDEX,
-                reduction="none", backend=be,
-            )  # fmt: skip
-            loss = loss + cfg.guidance_weight * guide
-        return loss, labels, k
+
+            def target_of(labels: torch.Tensor) -> torch.Tensor:
+                self._update_targets(positions, labels, refresh)
+                return self._rows(self.targets, positions)
+
+        k_floor = self._rows(self.k_floor, positions)
+        return objective(
+            response, self.config, k_floor, target_of, backend=self.backend, reduction="none"
+        )
 
     def _fused(
         self, response: torch.Tensor, positions: Sequence[int], refresh: Sequence[bool]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image objective of the slots ``positions`` through the fused Triton kernel."""
-        cfg = self.config
         assert self.fused is not None
         target = None
         if any(self.slots[p].aligner is not None for p in positions):
             self._update_targets(positions, self._rows(self.prev_labels, positions), refresh)
             target = self._rows(self.targets, positions)
-        out = self.fused(
-            response, target, weight=cfg.weight_mode, mu=cfg.mu, beta=cfg.beta,
-            scf_mu=cfg.scf_mu, k_min=self._rows(self.k_floor, positions),
-            similarity_weight=cfg.similarity_weight,
-            guidance_weight=cfg.guidance_weight if target is not None else 0.0,
-            penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-            ignore_index=IGNORE_INDEX, reduction="none",
-        )  # fmt: skip
-        return out[0], out[1], out[2]
+        k_floor = self._rows(self.k_floor, positions)
+        return fused_objective(self.fused, response, target, self.config, k_floor, reduction="none")
 
     def _update_targets(
         self, positions: Sequence[int], labels: torch.Tensor, refresh: Sequence[bool]

@@ -89,6 +89,58 @@ class _Stopper:
         return None
 
 
+def objective(
+    response: torch.Tensor,
+    config: RefineConfig,
+    k_floor: torch.Tensor,
+    target_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    backend: str | None = None,
+    reduction: losses.Reduction = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sim + w(K_eff) * continuity (+ guidance)`` from the three separate losses.
+
+    ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
+    guidance). Returns (loss, labels, K) as device tensors.
+    """
+    cfg = config
+    sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
+    weight = dynamic_weight(cfg, torch.maximum(k, k_floor))
+    cont = losses.continuity_loss(
+        response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+        reduction=reduction, backend=backend,
+    )  # fmt: skip
+    loss = cfg.similarity_weight * sim + weight * cont
+    if target_of is not None:
+        target = target_of(labels)
+        guide = losses.guidance_loss(
+            response, target, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend
+        )
+        loss = loss + cfg.guidance_weight * guide
+    return loss, labels, k
+
+
+def fused_objective(
+    fused: Callable,
+    response: torch.Tensor,
+    target: torch.Tensor | None,
+    config: RefineConfig,
+    k_floor: torch.Tensor,
+    *,
+    reduction: losses.Reduction = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same objective through the fused Triton entry point ``fused`` (one call)."""
+    cfg = config
+    out = fused(
+        response, target, weight=cfg.weight_mode, mu=cfg.mu, beta=cfg.beta, scf_mu=cfg.scf_mu,
+        k_min=k_floor, similarity_weight=cfg.similarity_weight,
+        guidance_weight=cfg.guidance_weight if target is not None else 0.0,
+        penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+        ignore_index=IGNORE_INDEX, reduction=reduction,
+    )  # fmt: skip
+    return out[0], out[1], out[2]
+
+
 class RefineStep:
     """One network, optimiser and objective: ``step()`` runs one training iteration.
 
@@ -160,34 +212,15 @@ class RefineStep:
             target = None
             if self.aligner is not None:
                 target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
-            loss, labels, k = self.fused(
-                response,
-                target,
-                weight=cfg.weight_mode,
-                mu=cfg.mu,
-                beta=cfg.beta,
-                scf_mu=cfg.scf_mu,
-                k_min=self.k_floor,
-                similarity_weight=cfg.similarity_weight,
-                guidance_weight=cfg.guidance_weight if target is not None else 0.0,
-                penalty=cfg.penalty,
-                neighbors=cfg.neighbors,
-                delta=cfg.delta,
-                ignore_index=IGNORE_INDEX,
-            )
+            loss, labels, k = fused_objective(self.fused, response, target, cfg, self.k_floor)
         else:
-            sim, labels, k = losses.similarity_loss(response, backend=be)
-            weight = dynamic_weight(cfg, torch.maximum(k, self.k_floor))
-            cont = losses.continuity_loss(
-                response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta, backend=be
+            aligner = self.aligner
+            target_of = (
+                None
+                if aligner is None
+                else (lambda lab: aligner.target(lab, refresh=refresh_alignment))
             )
-            loss = cfg.similarity_weight * sim + weight * cont
-            if self.aligner is not None:
-                target = self.aligner.target(labels, refresh=refresh_alignment)
-                guide = losses.guidance_loss(
-                    response, target, ignore_index=IGNORE_INDEX, backend=be
-                )
-                loss = loss + cfg.guidance_weight * guide
+            loss, labels, k = objective(response, cfg, self.k_floor, target_of, backend=be)
         loss.backward()
         self.opt.step()
         self.prev_labels = labels
