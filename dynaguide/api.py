@@ -5,23 +5,16 @@ Data flows one way: load -> (downscale) -> guide -> refine -> label -> (upscale)
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
-import numpy as np
 import torch
 
-from dynaguide.batched import estimate_refine_bytes, free_memory
 from dynaguide.config import RefineConfig, get_preset
-from dynaguide.guidance import compute_guide_labels
-from dynaguide.io import load_image
-from dynaguide.native import relabel_sequential
+from dynaguide.pipeline import DEFAULT, deadline_of, finish, prepare
 from dynaguide.refine import ProgressCallback, refine
 from dynaguide.segmentation import Segmentation
 
 DEFAULT_PRESET = "dynaguide"
-DEFAULT = "default"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -52,55 +45,6 @@ def build_config(
     if max_iter is not None:
         overrides["max_iter"] = max_iter
     return config.replace(**overrides) if overrides else config
-
-
-def refinement_size(
-    height: int, width: int, *, scale: float | None, max_pixels: int | None
-) -> tuple[int, int]:
-    """Size the image is refined at: ``scale`` applied, then capped at ``max_pixels``."""
-    if scale is not None:
-        if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
-            raise ValueError(f"scale must be a number in (0, 1], got {scale!r}")
-        height, width = max(2, round(height * scale)), max(2, round(width * scale))
-    if max_pixels is not None and height * width > max_pixels:
-        f = math.sqrt(max_pixels / (height * width))
-        height, width = max(2, math.floor(height * f)), max(2, math.floor(width * f))
-    return height, width
-
-
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if image.shape[:2] == size:
-        return image
-    from skimage.transform import resize
-
-    out = resize(image, size, order=1, anti_aliasing=True, preserve_range=True)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if labels.shape == size:
-        return labels
-    t = torch.from_numpy(labels.astype(np.int64))[None, None].float()
-    return (
-        torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")[0, 0]
-        .long()
-        .numpy()
-        .astype(labels.dtype)
-    )
-
-
-def _check_memory(
-    size: tuple[int, int], config: RefineConfig, device: torch.device, name: str
-) -> None:
-    """Raise MemoryError with advice when one refinement clearly cannot fit."""
-    h, w = size
-    free = free_memory(device)
-    need = estimate_refine_bytes(h, w, config)
-    if need > 0.9 * free:
-        raise MemoryError(
-            f"{name}: refining at {w}x{h} needs about {need / 2**30:.1f} GiB but only "
-            f"{free / 2**30:.1f} GiB is free on {device}; pass scale= or a smaller max_pixels"
-        )
 
 
 def segment(
@@ -164,62 +108,30 @@ def segment(
     >>> seg.labels.shape
     (32, 32)
     """
-    label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     config = build_config(preset, max_iter=max_iter, **overrides)
     dev = resolve_device(device)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    rgb = load_image(image, name=name)
-    full = rgb.shape[:2]
-    size = refinement_size(*full, scale=scale, max_pixels=config.max_pixels)
-    _check_memory(size, config, dev, label)
-    work = _resize_image(rgb, size)
-
-    if isinstance(guidance, str) and guidance == DEFAULT:
-        guidance = config.default_guidance
-    if isinstance(guidance, (np.ndarray, torch.Tensor)):
-        g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
-        if g.shape[:2] != full:
-            raise ValueError(
-                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
-            )
-        guidance = _resize_labels(np.asarray(g), size) if g.ndim == 2 else g
-    guide_labels, guide_name = compute_guide_labels(
-        guidance, work, options=guidance_options, name=label
-    )
-
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
-    result = refine(
-        work,
+    prepared = prepare(
+        image,
         config,
-        guide_labels=guide_labels,
+        guidance=guidance,
+        guidance_options=guidance_options,
+        scale=scale,
+        name=name,
+        device=dev,
+    )
+    result = refine(
+        prepared.work,
+        config,
+        guide_labels=prepared.guide_labels,
         device=dev,
         seed=seed,
         callback=callback,
         amp=amp,
         cuda_graph=cuda_graph,
+        deadline=deadline_of(prepared, config),
     )
-    labels = result.labels.cpu().numpy()
-    compact, k = relabel_sequential(labels)
-    compact = _resize_labels(compact.astype(np.int32), full)
-    guide_full = None if guide_labels is None else _resize_labels(guide_labels, full)
-    return Segmentation(
-        labels=compact,
-        n_labels=int(k),
-        n_iter=result.n_iter,
-        history={"loss": result.loss_history, "n_labels": result.k_history},
-        guide_labels=guide_full,
-        image=rgb,
-        config=config,
-        seconds=result.seconds,
-        stop_reason=result.stop_reason,
-        name=name if name is not None else (label if label != "image" else None),
-        device=str(dev),
-        extra={
-            "guide": guide_name,
-            "refine_size": list(size),
-            "opt_clusters": result.opt_clusters,
-            "seed": seed,
-        },
-    )
+    return finish(prepared, result, config, device=dev, seed=seed)

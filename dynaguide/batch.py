@@ -13,25 +13,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from dynaguide.api import (
-    DEFAULT,
-    DEFAULT_PRESET,
-    _resize_image,
-    _resize_labels,
-    build_config,
-    refinement_size,
-    resolve_device,
-    segment,
-)
-from dynaguide.config import RefineConfig
-from dynaguide.guidance import compute_guide_labels
-from dynaguide.io import load_image
+from dynaguide.api import DEFAULT_PRESET, build_config, resolve_device, segment
+from dynaguide.pipeline import DEFAULT, Prepared, finish, prepare
 from dynaguide.refine import RefineResult
 from dynaguide.segmentation import Segmentation
 
@@ -163,77 +150,6 @@ def _sequential(
     return out
 
 
-@dataclass
-class _Prepared:
-    """One input, loaded, resized and guided, waiting for its refinement."""
-
-    index: int
-    rgb: np.ndarray
-    work: np.ndarray
-    guide_labels: np.ndarray | None
-    guide_name: str | None
-    name: str | None
-    label: str
-    is_path: bool
-
-
-def _prepare(i: int, item: Any, config: RefineConfig, kwargs: dict[str, Any]) -> _Prepared:
-    """Everything :func:`dynaguide.segment` does before refining (same rules, same errors)."""
-    name = kwargs.get("name")
-    label = name or (str(item) if isinstance(item, (str, os.PathLike)) else f"input {i}")
-    rgb = load_image(item, name=name)
-    full = rgb.shape[:2]
-    size = refinement_size(*full, scale=kwargs.get("scale"), max_pixels=config.max_pixels)
-    work = _resize_image(rgb, size)
-    guidance = kwargs.get("guidance", DEFAULT)
-    if isinstance(guidance, str) and guidance == DEFAULT:
-        guidance = config.default_guidance
-    if isinstance(guidance, (np.ndarray, torch.Tensor)):
-        g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
-        if g.shape[:2] != full:
-            raise ValueError(
-                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
-            )
-        guidance = _resize_labels(np.asarray(g), size) if g.ndim == 2 else g
-    guide_labels, guide_name = compute_guide_labels(
-        guidance, work, options=kwargs.get("guidance_options"), name=label
-    )
-    is_path = isinstance(item, (str, os.PathLike))
-    return _Prepared(i, rgb, work, guide_labels, guide_name, name, label, is_path)
-
-
-def _finish(
-    p: _Prepared, result: RefineResult, config: RefineConfig, dev: torch.device, seed: int
-) -> Segmentation:
-    """The :class:`Segmentation` :func:`dynaguide.segment` would build from ``result``."""
-    from dynaguide.native import relabel_sequential
-
-    full = p.rgb.shape[:2]
-    compact, k = relabel_sequential(result.labels.cpu().numpy())
-    compact = _resize_labels(compact.astype(np.int32), full)
-    guide_full = None if p.guide_labels is None else _resize_labels(p.guide_labels, full)
-    return Segmentation(
-        labels=compact,
-        n_labels=int(k),
-        n_iter=result.n_iter,
-        history={"loss": result.loss_history, "n_labels": result.k_history},
-        guide_labels=guide_full,
-        image=p.rgb,
-        config=config,
-        seconds=result.seconds,
-        stop_reason=result.stop_reason,
-        name=p.name if p.name is not None else (p.label if p.is_path else None),
-        device=str(dev),
-        extra={
-            "guide": p.guide_name,
-            "refine_size": list(p.work.shape[:2]),
-            "opt_clusters": result.opt_clusters,
-            "seed": seed,
-            "batched": True,
-        },
-    )
-
-
 def _batched(
     items: Sequence[Any],
     on_error: str,
@@ -252,36 +168,47 @@ def _batched(
         kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
     )
     out: list[Segmentation | None] = [None] * len(items)
-    buckets: dict[tuple[int, int], list[_Prepared]] = {}
+    buckets: dict[tuple[int, int], list[tuple[int, Prepared]]] = {}
     for i, item in enumerate(items):
         try:
-            p = _prepare(i, item, config, kwargs)
+            name = kwargs.get("name")
+            p = prepare(
+                item,
+                config,
+                guidance=kwargs.get("guidance", DEFAULT),
+                guidance_options=kwargs.get("guidance_options"),
+                scale=kwargs.get("scale"),
+                name=name,
+                label=name or (str(item) if isinstance(item, (str, os.PathLike)) else f"input {i}"),
+                device=dev,
+            )
         except _INPUT_ERRORS as exc:
             _skip(i, item, exc, on_error)
             if progress is not None:
                 progress(i, None)
             continue
-        buckets.setdefault(p.work.shape[:2], []).append(p)
+        buckets.setdefault(p.work.shape[:2], []).append((i, p))
 
     for group in buckets.values():
 
-        def done(j: int, result: RefineResult, group: list[_Prepared] = group) -> None:
-            p = group[j]
-            seg = _finish(p, result, config, dev, seed)
-            out[p.index] = seg
+        def done(j: int, result: RefineResult, group: list[tuple[int, Prepared]] = group) -> None:
+            index, p = group[j]
+            seg = finish(p, result, config, device=dev, seed=seed, batched=True)
+            out[index] = seg
             if progress is not None:
-                progress(p.index, seg)
+                progress(index, seg)
 
         try:
             refine_batch(
-                [p.work for p in group], config, guide_labels=[p.guide_labels for p in group],
+                [p.work for _, p in group], config,
+                guide_labels=[p.guide_labels for _, p in group],
                 device=dev, seed=seed, batch_size=batch_size, amp=bool(kwargs.get("amp", False)),
                 on_result=done,
             )  # fmt: skip
         except MemoryError as exc:  # one image of this size does not fit: all of them
-            for p in group:
-                if out[p.index] is None:
-                    _skip(p.index, items[p.index], MemoryError(f"{p.label}: {exc}"), on_error)
+            for index, p in group:
+                if out[index] is None:
+                    _skip(index, items[index], MemoryError(f"{p.label}: {exc}"), on_error)
                     if progress is not None:
-                        progress(p.index, None)
+                        progress(index, None)
     return out

@@ -506,7 +506,7 @@ class BatchedRefiner:
             self._vmapped = vmap(one, in_dims=(0, 0, 0))
         params = {n: self.param_layout[n].to_solo(p) for n, p in self.params.items()}
         n = len(self.slots)
-        x = self.x.view(1, n, 3, *self.size).transpose(0, 1)  # (N, 1, 3, H, W)
+        x = self.x.view(1, n, -1, *self.size).transpose(0, 1)  # (N, 1, C_in, H, W)
         return self._vmapped(params, self.buffers, x)[:, 0]
 
     # ------------------------------------------------------------------ one iteration

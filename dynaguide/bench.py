@@ -374,8 +374,8 @@ def bench_step(
 
 def load_images(folder: Path, limit: int, scale: float, config: Any) -> tuple[list[Any], list[str]]:
     """The first ``limit`` images of ``folder`` at refinement size, and their names."""
-    from dynaguide.api import _resize_image, refinement_size
     from dynaguide.io import list_images, load_image
+    from dynaguide.pipeline import refinement_size, resize_image
 
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder {folder}; pass --data")
@@ -386,7 +386,7 @@ def load_images(folder: Path, limit: int, scale: float, config: Any) -> tuple[li
     for p in paths:
         rgb = load_image(p)
         size = refinement_size(*rgb.shape[:2], scale=scale, max_pixels=config.max_pixels)
-        images.append(_resize_image(rgb, size))
+        images.append(resize_image(rgb, size))
     return images, [p.name for p in paths]
 
 

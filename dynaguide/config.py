@@ -22,6 +22,9 @@ SkipMode = Literal["none", "separate", "shared"]
 Alignment = Literal["overlap", "reference"]
 FinalPass = Literal["last", "train", "eval"]
 SilhouetteMode = Literal["off", "ssp", "reference"]
+InputFeatures = Literal["rgb", "rgb+xy", "rgb+lab", "rgb+lab+xy"]
+Upsample = Literal["nearest", "bilinear"]
+MergeWeight = Literal["colour", "boundary"]
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,30 @@ class RefineConfig:
         ``final_pass``: ``"last"`` (labels of the last training forward, DFC's
         ``visualize=1``), ``"train"`` (one more forward with BN batch statistics) or
         ``"eval"`` (one more forward with BN running statistics, DynaGuide's code).
-    Size policy
+    Size policy and multi-scale refinement
         Images with more than ``max_pixels`` pixels are refined at a downscaled size
-        (area-preserving factor, bilinear) and the labels resized back with nearest
-        neighbour; ``None`` disables the limit.
+        (area-preserving factor, bilinear); ``None`` disables the limit. ``work_pixels``
+        is a second, working-size target: the network is trained on the image shrunk to
+        about that many pixels (None: no shrinking beyond ``max_pixels``). ``upsample``
+        carries the result back to full size: ``"nearest"`` resizes the labels,
+        ``"bilinear"`` resizes the network's response map (the class scores) and takes
+        the argmax at full resolution, so boundaries are placed between full-size pixels.
+        ``time_budget`` (seconds, None: none) stops the loop at the first check past it.
+    Guidance schedule
+        ``guidance_anneal``: the guidance weight decays linearly from ``guidance_weight``
+        to 0 over that many iterations (0: constant), so the network may correct the guide
+        once it has learnt from it. ``guide_margin``: guide pixels within that many pixels
+        of a guide boundary are not guided (0: all guided).
+    Input
+        ``input_features``: the network sees RGB (in ``input_order``), optionally CIE-LAB
+        colour (scaled to about [0, 1]) and the pixel coordinates (in [0, 1]).
+    Post-processing (run on the full-size labels)
+        ``connectivity`` 4/8 splits the labels into connected regions (0: labels stay
+        colour clusters, the papers' output); ``min_area``: regions smaller than this
+        (a fraction of the image when < 1, else pixels) join their closest-colour
+        neighbour; ``merge`` (``"colour"`` / ``"boundary"``, None: off) merges adjacent
+        regions over the region adjacency graph until the smallest weight exceeds
+        ``merge_threshold`` (see :mod:`dynaguide.postprocess`).
     """
 
     name: str = "custom"
@@ -104,8 +127,20 @@ class RefineConfig:
     final_pass: FinalPass = "last"
     input_order: Literal["bgr", "rgb"] = "bgr"
     max_pixels: int | None = 4_000_000
+    work_pixels: int | None = None
+    upsample: Upsample = "nearest"
+    time_budget: float | None = None
     default_guidance: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    default_guidance_options: dict[str, Any] = field(default_factory=dict, compare=False)
+    # guidance schedule, input features
+    guidance_anneal: int = 0
+    guide_margin: int = 0
+    input_features: InputFeatures = "rgb"
+    # post-processing
+    connectivity: int = 0
+    min_area: float = 0.0
+    merge: MergeWeight | None = None
+    merge_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         """Validate every field with a message naming it."""
@@ -146,8 +181,38 @@ class RefineConfig:
             raise ValueError(
                 f"silhouette_k must be (lo, hi) with 2 <= lo <= hi, got {self.silhouette_k!r}"
             )
-        if self.max_pixels is not None and self.max_pixels < 4:
-            raise ValueError(f"max_pixels must be None or >= 4, got {self.max_pixels!r}")
+        for name in ("max_pixels", "work_pixels"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 4
+            ):
+                raise ValueError(f"{name} must be None or an int >= 4, got {value!r}")
+        _choice("upsample", self.upsample, ("nearest", "bilinear"))
+        _choice("input_features", self.input_features, ("rgb", "rgb+xy", "rgb+lab", "rgb+lab+xy"))
+        _choice("connectivity", self.connectivity, (0, 4, 8))
+        _choice("merge", self.merge, (None, "colour", "boundary"))
+        _positive_int("guidance_anneal", self.guidance_anneal, minimum=0)
+        _positive_int("guide_margin", self.guide_margin, minimum=0)
+        for name in ("min_area", "merge_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.time_budget is not None and (
+            isinstance(self.time_budget, bool)
+            or not isinstance(self.time_budget, (int, float))
+            or not self.time_budget > 0
+        ):
+            raise ValueError(f"time_budget must be None or seconds > 0, got {self.time_budget!r}")
+        if self.connectivity == 0 and (self.min_area > 0 or self.merge is not None):
+            raise ValueError(
+                "min_area and merge work on connected regions: set connectivity to 4 or 8"
+            )
+
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels the network sees (3 + 3 for LAB + 2 for coordinates)."""
+        f = self.input_features
+        return 3 + (3 if "lab" in f else 0) + (2 if "xy" in f else 0)
 
     def replace(self, **changes: Any) -> RefineConfig:
         """Return a copy with ``changes`` applied (validated); unknown names raise TypeError."""
@@ -169,6 +234,7 @@ class RefineConfig:
     def from_dict(cls, data: dict[str, Any]) -> RefineConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(data)
+        d.pop("extra", None)  # a field of dynaguide 0.1.0 that was never read
         if "silhouette_k" in d:
             d["silhouette_k"] = tuple(d["silhouette_k"])
         return cls(**d)

@@ -72,7 +72,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = RefineNet(config.n_channels, config.n_conv, config.skip)
+        model = RefineNet(config.n_channels, config.n_conv, config.skip, config.in_channels)
     return model.to(device)
 
 
@@ -88,7 +88,7 @@ def conv_flops_per_pixel(config: RefineConfig, *, training: bool = True) -> floa
     except the first layer's input gradient, which is not needed.
     """
     p, q = config.n_channels, config.n_channels
-    first = 2 * 3 * p * 9
+    first = 2 * config.in_channels * p * 9
     hidden = 2 * p * p * 9 * (config.n_conv - 1)
     head = 2 * p * q
     skip = first if config.skip == "separate" else 0

@@ -40,11 +40,28 @@ class RefineResult:
 
 
 def image_tensor(image: np.ndarray, config: RefineConfig, device: torch.device) -> torch.Tensor:
-    """(1, 3, H, W) float32 network input in [0, 1], channel order per ``config.input_order``."""
+    """(1, C_in, H, W) float32 network input, channels-last.
+
+    RGB in [0, 1] in ``config.input_order``, then per ``config.input_features`` CIE-LAB
+    (L / 100, a / 128, b / 128) and the pixel coordinates (row, column) in [0, 1].
+    """
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device)
     if config.input_order == "bgr":
         x = x.flip(-1)
     x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    parts = [x]
+    if "lab" in config.input_features:
+        from skimage.color import rgb2lab
+
+        lab = rgb2lab(image).astype(np.float32) / np.array([100.0, 128.0, 128.0], np.float32)
+        parts.append(torch.from_numpy(lab).to(device).permute(2, 0, 1).unsqueeze(0))
+    if "xy" in config.input_features:
+        h, w = image.shape[:2]
+        rows = torch.linspace(0.0, 1.0, h, device=device).view(1, 1, h, 1).expand(1, 1, h, w)
+        cols = torch.linspace(0.0, 1.0, w, device=device).view(1, 1, 1, w).expand(1, 1, h, w)
+        parts += [rows, cols]
+    if len(parts) > 1:
+        x = torch.cat(parts, dim=1)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -56,6 +73,24 @@ def dynamic_weight(config: RefineConfig, k: torch.Tensor) -> torch.Tensor:
     if config.weight_mode in ("fsf", "dynaguide"):
         return kf / config.beta
     return config.scf_mu / kf.clamp_min(1.0)  # scf
+
+
+def guidance_weight_at(config: RefineConfig, iteration: int) -> float:
+    """Guidance weight of 0-based ``iteration``: constant, or decaying linearly to 0 over
+    ``config.guidance_anneal`` iterations."""
+    if config.guidance_anneal <= 0:
+        return config.guidance_weight
+    return config.guidance_weight * max(0.0, 1.0 - iteration / config.guidance_anneal)
+
+
+def guide_boundary_band(guide: torch.Tensor, margin: int) -> torch.Tensor:
+    """(H, W) bool: pixels within ``margin`` pixels (Chebyshev) of a change of guide label."""
+    ids = torch.unique(guide, return_inverse=True)[1]  # compact: exact in float32
+    g = ids.view(1, 1, *guide.shape).float()
+    k = 2 * margin + 1
+    hi = torch.nn.functional.max_pool2d(g, k, stride=1, padding=margin)
+    lo = -torch.nn.functional.max_pool2d(-g, k, stride=1, padding=margin)
+    return (hi != lo)[0, 0]
 
 
 class _Stopper:
@@ -97,11 +132,13 @@ def objective(
     *,
     backend: str | None = None,
     reduction: losses.Reduction = "mean",
+    guidance_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sim + w(K_eff) * continuity (+ guidance)`` from the three separate losses.
 
     ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
-    guidance). Returns (loss, labels, K) as device tensors.
+    guidance); ``guidance_weight`` overrides ``config.guidance_weight`` (the annealing
+    schedule). Returns (loss, labels, K) as device tensors.
     """
     cfg = config
     sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
@@ -111,12 +148,13 @@ def objective(
         reduction=reduction, backend=backend,
     )  # fmt: skip
     loss = cfg.similarity_weight * sim + weight * cont
-    if target_of is not None:
+    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
+    if target_of is not None and gw > 0:
         target = target_of(labels)
         guide = losses.guidance_loss(
             response, target, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend
         )
-        loss = loss + cfg.guidance_weight * guide
+        loss = loss + gw * guide
     return loss, labels, k
 
 
@@ -128,13 +166,15 @@ def fused_objective(
     k_floor: torch.Tensor,
     *,
     reduction: losses.Reduction = "mean",
+    guidance_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same objective through the fused Triton entry point ``fused`` (one call)."""
     cfg = config
+    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
     out = fused(
         response, target, weight=cfg.weight_mode, mu=cfg.mu, beta=cfg.beta, scf_mu=cfg.scf_mu,
         k_min=k_floor, similarity_weight=cfg.similarity_weight,
-        guidance_weight=cfg.guidance_weight if target is not None else 0.0,
+        guidance_weight=gw if target is not None else 0.0,
         penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
         ignore_index=IGNORE_INDEX, reduction=reduction,
     )  # fmt: skip
@@ -189,7 +229,10 @@ class RefineStep:
         self.aligner = None
         if guide_labels is not None and config.guidance_weight > 0:
             g = torch.from_numpy(np.asarray(guide_labels, dtype=np.int64)).to(device)
+            if config.guide_margin > 0:
+                g = torch.where(guide_boundary_band(g, config.guide_margin), -1, g)
             self.aligner = GuideAligner(g, config.n_channels, config.alignment)
+        self.iteration = 0
         self.fused = _fused_objective(device, backend)
         self.prev_labels: torch.Tensor | None = None
 
@@ -202,6 +245,8 @@ class RefineStep:
         step), as in the authors' loop.
         """
         cfg, be = self.config, self.backend
+        gw = guidance_weight_at(cfg, self.iteration)
+        self.iteration += 1
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -210,9 +255,11 @@ class RefineStep:
             # One fused kernel pair for the whole objective; the guide alignment is refreshed
             # from the previous iteration's labels (the current ones come out of the kernel).
             target = None
-            if self.aligner is not None:
+            if self.aligner is not None and gw > 0:
                 target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
-            loss, labels, k = fused_objective(self.fused, response, target, cfg, self.k_floor)
+            loss, labels, k = fused_objective(
+                self.fused, response, target, cfg, self.k_floor, guidance_weight=gw
+            )
         else:
             aligner = self.aligner
             target_of = (
@@ -220,7 +267,9 @@ class RefineStep:
                 if aligner is None
                 else (lambda lab: aligner.target(lab, refresh=refresh_alignment))
             )
-            loss, labels, k = objective(response, cfg, self.k_floor, target_of, backend=be)
+            loss, labels, k = objective(
+                response, cfg, self.k_floor, target_of, backend=be, guidance_weight=gw
+            )
         loss.backward()
         self.opt.step()
         self.prev_labels = labels
@@ -297,6 +346,7 @@ def refine(
     channels_last: bool = True,
     amp: bool = False,
     cuda_graph: bool = False,
+    deadline: float | None = None,
 ) -> RefineResult:
     """Train a fresh network on one image and return its argmax labels.
 
@@ -322,9 +372,17 @@ def refine(
         bf16 autocast for the convolutions (losses accumulate in float32).
     cuda_graph : bool
         Capture the iteration in a CUDA graph and replay it (CUDA only).
+    deadline : float, optional
+        ``time.perf_counter()`` value after which the loop stops at its next check
+        (default: ``config.time_budget`` seconds after the start of this call).
     """
     dev = torch.device(device)
     t0 = time.perf_counter()
+    if cuda_graph and config.guidance_anneal > 0:
+        raise ValueError(
+            "guidance_anneal changes the guidance weight every iteration and cannot be "
+            "captured in a CUDA graph: use cuda_graph=False or guidance_anneal=0"
+        )
     state = RefineStep(
         image,
         config,
@@ -340,6 +398,9 @@ def refine(
     loss_hist = torch.zeros(config.max_iter, device=dev)
     k_hist = torch.zeros(config.max_iter, dtype=torch.int64, device=dev)
     stop_reason = f"max_iter ({config.max_iter})"
+    budget = config.time_budget
+    if deadline is None and budget is not None:
+        deadline = t0 + budget
     labels = None
     n_iter = config.max_iter
     for it in range(config.max_iter):
@@ -351,6 +412,8 @@ def refine(
             if callback is not None:
                 callback(it, float(loss_hist[it]), int(k_hist[it]))
             reason = stopper.check(it, k_hist, labels)
+            if reason is None and deadline is not None and time.perf_counter() > deadline:
+                reason = "time budget" + (f" ({budget:g} s)" if budget is not None else "")
             if reason is not None:
                 stop_reason, n_iter = reason, it + 1
                 break

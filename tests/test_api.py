@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dynaguide
-from dynaguide.api import refinement_size
+from dynaguide.pipeline import refinement_size
 
 
 def _image(h: int = 20, w: int = 26) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_scale_and_downscale_policy():
     seg = dynaguide.segment(img, max_pixels=1000, max_iter=2)
     h, w = seg.extra["refine_size"]
     assert h * w <= 1000 and seg.labels.shape == (80, 104)
-    assert refinement_size(4000, 3000, scale=None, max_pixels=4_000_000) == (4000, 3000) or True
+    assert refinement_size(2000, 2000, scale=None, max_pixels=4_000_000) == (2000, 2000)
     assert (
         refinement_size(5000, 5000, scale=None, max_pixels=4_000_000)[0]
         * refinement_size(5000, 5000, scale=None, max_pixels=4_000_000)[1]
@@ -84,7 +84,7 @@ def test_scale_and_downscale_policy():
 
 
 def test_huge_image_without_limit_gives_memory_error(monkeypatch):
-    monkeypatch.setattr("dynaguide.api.free_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr("dynaguide.batched.free_memory", lambda device: 8 * 2**30)
     img = np.zeros((3000, 3000, 3), np.uint8)  # 9 MP: ~57 GB of activations at 100 channels
     with pytest.raises(MemoryError, match="scale="):
         dynaguide.segment(img, max_pixels=None, max_iter=1)
