@@ -79,6 +79,7 @@ from dynaguide.refine import (
     _final_labels,
     _fused_objective,
     fused_objective,
+    guidance_weight_at,
     objective,
 )
 
@@ -346,7 +347,9 @@ class BatchedRefiner:
         self.prev_labels = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.its = torch.zeros(0, dtype=torch.long, device=device)
         self._cols = torch.arange(config.max_iter, device=device)
-        self.fused = _fused_objective(device, backend)
+        # The fused kernel takes one guidance weight for the batch; an annealed weight
+        # differs per image (each slot is at its own iteration): use the three losses.
+        self.fused = None if config.guidance_anneal > 0 else _fused_objective(device, backend)
         self._vmapped: Callable[..., torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ membership
@@ -573,9 +576,14 @@ class BatchedRefiner:
                 return self._rows(self.targets, positions)
 
         k_floor = self._rows(self.k_floor, positions)
+        gw = None
+        if self.config.guidance_anneal > 0:
+            weights = [guidance_weight_at(self.config, self.slots[p].it) for p in positions]
+            gw = torch.tensor(weights, dtype=torch.float32, device=response.device)
         return objective(
-            response, self.config, k_floor, target_of, backend=self.backend, reduction="none"
-        )
+            response, self.config, k_floor, target_of, backend=self.backend, reduction="none",
+            guidance_weight=gw,
+        )  # fmt: skip
 
     def _fused(
         self, response: torch.Tensor, positions: Sequence[int], refresh: Sequence[bool]
@@ -666,6 +674,8 @@ class BatchedRefiner:
                     continue
             if s.it >= cfg.max_iter:
                 out[p] = f"max_iter ({cfg.max_iter})"
+            elif cfg.time_budget is not None and time.perf_counter() - s.t0 > cfg.time_budget:
+                out[p] = f"time budget ({cfg.time_budget:g} s)"
         return out
 
     def extract_model(self, p: int) -> RefineNet:

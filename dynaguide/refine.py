@@ -132,13 +132,14 @@ def objective(
     *,
     backend: str | None = None,
     reduction: losses.Reduction = "mean",
-    guidance_weight: float | None = None,
+    guidance_weight: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sim + w(K_eff) * continuity (+ guidance)`` from the three separate losses.
 
     ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
     guidance); ``guidance_weight`` overrides ``config.guidance_weight`` (the annealing
-    schedule). Returns (loss, labels, K) as device tensors.
+    schedule; a (N,) tensor gives each image of a ``reduction="none"`` batch its own).
+    Returns (loss, labels, K) as device tensors.
     """
     cfg = config
     sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
@@ -149,7 +150,7 @@ def objective(
     )  # fmt: skip
     loss = cfg.similarity_weight * sim + weight * cont
     gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
-    if target_of is not None and gw > 0:
+    if target_of is not None and (isinstance(gw, torch.Tensor) or gw > 0):
         target = target_of(labels)
         guide = losses.guidance_loss(
             response, target, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend

@@ -293,3 +293,17 @@ def test_memory_error_when_one_image_does_not_fit(monkeypatch):
             [_image(16, 20, 0)], on_error="skip", batch_size=2, max_iter=2
         )
     assert out == [None]
+
+
+def test_batched_annealing_and_time_budget_match_solo():
+    cfg = get_preset("dynaguide").replace(max_iter=6, min_labels=0, guidance_anneal=4)
+    imgs = [_image(16, 20, s) for s in (0, 1)]
+    guides = [np.random.default_rng(s).integers(0, 3, size=(16, 20)) for s in (0, 1)]
+    batched = refine_batch(imgs, cfg, guide_labels=guides, batch_size=2, seed=2)
+    for img, guide, res in zip(imgs, guides, batched, strict=True):
+        solo = refine(img, cfg, guide_labels=guide, seed=2)
+        assert torch.equal(solo.labels, res.labels)
+        np.testing.assert_allclose(solo.loss_history, res.loss_history, rtol=1e-5, atol=1e-6)
+    slow = cfg.replace(max_iter=100_000, time_budget=0.2, guidance_anneal=0)
+    for res in refine_batch(imgs, slow, batch_size=2):
+        assert res.stop_reason.startswith("time budget") and res.n_iter < 100_000
