@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from skimage.metrics import variation_of_information as skimage_voi
 
 from dynaguide.eval import bsds_benchmark as bb
+from dynaguide.eval.boundary_matching import match_within, prf
 from dynaguide.eval.bsds_benchmark import (
     boundary_map,
     boundary_precision_recall,
@@ -172,7 +173,7 @@ def test_flow_matching_has_maximum_cardinality(seed):
     pred = np.unique(pred, axis=0)
     gt = np.unique(rng.integers(0, 30, size=(rng.integers(5, 120), 2)), axis=0)
     radius = float(rng.uniform(1.0, 4.0))
-    matched, n = bb._match(cKDTree(pred), len(pred), gt, radius)
+    matched, n = match_within(cKDTree(pred), len(pred), gt, radius)
     pairs = cKDTree(pred).sparse_distance_matrix(cKDTree(gt), radius, output_type="ndarray")
     graph = csr_matrix((np.ones(pairs.size), (pairs["i"], pairs["j"])), shape=(len(pred), len(gt)))
     reference = int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
@@ -225,7 +226,7 @@ def _record(cov_num, cov_den, pri, voi, mp, n_p, mg, n_g):
         "boundary_matched_gt": mg,
         "boundary_gt": n_g,
     }
-    f = bb._image_prf(sums)
+    f = prf(sums)
     return {"covering": cov_num / cov_den, "pri": pri, "voi": voi, **f, "sums": sums}
 
 

@@ -23,7 +23,9 @@ Boundary precision / recall / F
     diagonal: a maximum-cardinality bipartite matching on the pairs closer than that,
     solved as a unit-capacity maximum flow with scipy's Dinic algorithm. Recall pools
     the matched GT pixels over annotators; a predicted pixel is correct when it is
-    matched for ANY annotator; F = 2PR / (P + R). The dataset pools the counts. An empty boundary set gives 0 (the benchmark's convention).
+    matched for ANY annotator; F = 2PR / (P + R). The dataset pools the counts. An
+    empty boundary set gives 0 (the benchmark's convention). See
+    :mod:`dynaguide.eval.boundary_matching`.
 
 ODS / OIS (:func:`ods_ois`)
     For a method with a knob: ODS fixes one knob value for the whole dataset (per
@@ -39,10 +41,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_flow
-from scipy.spatial import cKDTree
 
+from dynaguide.eval.boundary_matching import boundary_counts, boundary_map, matching_radius, prf
 from dynaguide.eval.metrics import (
     _DENSE_TABLE_FACTOR,
     _as_label_map,
@@ -135,97 +135,6 @@ def _region_scores(pred: _Prediction, gt: np.ndarray) -> tuple[float, float, flo
 
     voi = 2.0 * entropy(c) - entropy(area_g) - entropy(area_p)
     return covering_num, ri, max(voi, 0.0)
-
-
-# -------------------------------------------------------------------------- boundaries
-def boundary_map(labels: Any) -> np.ndarray:
-    """Boundary pixels of a label map in the BSDS ``seg2bmap`` convention.
-
-    A pixel is on a boundary when its label differs from its right, lower or
-    lower-right neighbour; the last row only compares with the right neighbour, the
-    last column only with the one below, and the bottom-right pixel is never boundary.
-    The map is one pixel thick on one side of every label change (no further thinning).
-
-    Parameters
-    ----------
-    labels : ndarray (H, W) of int
-
-    Returns
-    -------
-    ndarray (H, W) of bool
-    """
-    a = _as_label_map(labels, "labels")
-    b = np.zeros(a.shape, bool)
-    b[:, :-1] |= a[:, :-1] != a[:, 1:]
-    b[:-1, :] |= a[:-1, :] != a[1:, :]
-    b[:-1, :-1] |= a[:-1, :-1] != a[1:, 1:]
-    return b
-
-
-def _max_distance(shape: tuple[int, int], max_dist: float) -> float:
-    if not (np.isfinite(max_dist) and max_dist >= 0):
-        raise ValueError(f"max_dist must be a finite fraction >= 0, got {max_dist!r}")
-    return float(max_dist) * float(np.hypot(*shape))
-
-
-def _match(
-    pred_tree: cKDTree | None, n_pred: int, gt_points: np.ndarray, radius: float
-) -> tuple[np.ndarray, int]:
-    """Maximum one-to-one matching of predicted and GT boundary points closer than
-    ``radius``. Returns (matched mask over predicted points, number of matches).
-
-    The bipartite graph of the close pairs is solved as a unit-capacity maximum flow
-    (source -> predicted point -> GT point -> sink) with scipy's Dinic algorithm, which
-    is O(E sqrt(V)) here. ``maximum_bipartite_matching`` gives the same cardinality but
-    its Hopcroft-Karp search re-expands dead ends (scipy issue #26147) and took minutes
-    on the layered graphs of parallel boundaries.
-    """
-    matched = np.zeros(n_pred, bool)
-    if pred_tree is None or gt_points.size == 0:
-        return matched, 0
-    pairs = pred_tree.sparse_distance_matrix(cKDTree(gt_points), radius, output_type="ndarray")
-    if pairs.size == 0:
-        return matched, 0
-    n_gt = len(gt_points)
-    sink = n_pred + n_gt + 1
-    tails = np.concatenate(
-        [np.zeros(n_pred, np.int64), 1 + pairs["i"], 1 + n_pred + np.arange(n_gt)]
-    )
-    heads = np.concatenate(
-        [1 + np.arange(n_pred), 1 + n_pred + pairs["j"], np.full(n_gt, sink, np.int64)]
-    )
-    graph = csr_matrix((np.ones(tails.size, np.int32), (tails, heads)), shape=(sink + 1, sink + 1))
-    flow = maximum_flow(graph, 0, sink, method="dinic").flow.tocsr()
-    row = flow[[0]].toarray()[0, 1 : n_pred + 1]
-    matched = row > 0
-    return matched, int(matched.sum())
-
-
-def _boundary_counts(pred: _Prediction, maps: list[np.ndarray], max_dist: float) -> dict[str, int]:
-    radius = _max_distance(pred.shape, max_dist)
-    points = pred.points
-    tree = cKDTree(points) if len(points) else None
-    correct = np.zeros(len(points), bool)
-    matched_gt = total_gt = 0
-    for gt in maps:
-        gt_points = np.argwhere(boundary_map(gt))
-        matched, n_matched = _match(tree, len(points), gt_points, radius)
-        correct |= matched
-        matched_gt += n_matched
-        total_gt += len(gt_points)
-    return {
-        "boundary_matched_pred": int(correct.sum()),
-        "boundary_pred": len(points),
-        "boundary_matched_gt": matched_gt,
-        "boundary_gt": total_gt,
-    }
-
-
-def _prf(matched_pred: float, n_pred: float, matched_gt: float, n_gt: float) -> dict[str, float]:
-    precision = matched_pred / n_pred if n_pred else 0.0
-    recall = matched_gt / n_gt if n_gt else 0.0
-    f = 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f": f}
 
 
 # ----------------------------------------------------------------- public per-measure API
@@ -324,12 +233,7 @@ def boundary_precision_recall(
     """
     pred, maps = _inputs(prediction, annotations, name)
     counts = _boundary_counts(_Prediction(pred), maps, max_dist)
-    out: dict[str, Any] = _prf(
-        counts["boundary_matched_pred"],
-        counts["boundary_pred"],
-        counts["boundary_matched_gt"],
-        counts["boundary_gt"],
-    )
+    out: dict[str, Any] = prf(counts)
     out.update(counts)
     return out
 
@@ -383,18 +287,13 @@ def standard_image_scores(
         "pri": float(region[:, 1].mean()),
         "voi": float(region[:, 2].mean()),
     }
-    out.update(_image_prf(sums))
+    out.update(prf(sums))
     out.update({"n_annotators": len(maps), "n_pred_segments": int(p.n), "sums": sums})
     return out
 
 
-def _image_prf(sums: Mapping[str, Any]) -> dict[str, float]:
-    return _prf(
-        sums["boundary_matched_pred"],
-        sums["boundary_pred"],
-        sums["boundary_matched_gt"],
-        sums["boundary_gt"],
-    )
+def _boundary_counts(pred: _Prediction, maps: list[np.ndarray], max_dist: float) -> dict[str, int]:
+    return boundary_counts(pred.points, maps, matching_radius(pred.shape, max_dist))
 
 
 _SUM_KEYS = (
@@ -445,8 +344,7 @@ def standard_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "pri": float(np.mean([r["pri"] for r in records])) if records else nan,
         "voi": float(np.mean([r["voi"] for r in records])) if records else nan,
     }
-    prf = _image_prf(totals) if records else dict.fromkeys(("precision", "recall", "f"), nan)
-    out.update(prf)
+    out.update(prf(totals) if records else dict.fromkeys(("precision", "recall", "f"), nan))
     out["n_images"] = len(records)
     out["sums"] = totals
     return out
@@ -457,7 +355,7 @@ def _per_image_value(record: Mapping[str, Any], metric: str) -> float:
         s = record["sums"]
         return s["covering_num"] / s["covering_den"]
     if metric == "f":
-        return _image_prf(record["sums"])["f"]
+        return prf(record["sums"])["f"]
     return float(record[metric])
 
 
