@@ -180,7 +180,6 @@ def parse_post(text: str) -> dict[str, Any]:
 
 def _score_one(labels: np.ndarray, rgb: np.ndarray, gts: list[np.ndarray], post: str) -> dict:
     from dynaguide.eval.bsds_benchmark import standard_image_scores
-
     from dynaguide.eval.metrics import bsds_image_scores
     from dynaguide.postprocess import postprocess
 
