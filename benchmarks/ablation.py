@@ -41,6 +41,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds500" / "val"
 _WORK = {"work_pixels": 50_000, "upsample": "nearest"}
 _SMALL = {"n_channels": 32, **_WORK}
 _FELZ = {"scale": 300.0, "sigma": 0.8, "min_size": 20}
+# Felzenszwalb as a guide at the working size: few enough segments for 32 channels.
+_FELZ_WORK = {"scale": 300.0, "sigma": 0.8, "min_size": 250}
 
 #: name -> settings. ``alone`` candidates have only a guide; the others call dg.segment.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -59,6 +61,53 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "guide_options": _FELZ,
         "max_iter": 60,
         **_SMALL,
+    },
+    "s32:felzw": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:felzw-anneal": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        "guidance_anneal": 40,
+        **_SMALL,
+    },
+    "s32:felzw-lab-xy": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        "input_features": "rgb+lab+xy",
+        **_SMALL,
+    },
+    "s32:felzw-conv": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 100,
+        "convergence_tol": 0.01,
+        "convergence_window": 10,
+        **_SMALL,
+    },
+    "s32:felzw-bilinear": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        **_SMALL,
+        "upsample": "bilinear",
+    },
+    "p100:felzw": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        **_WORK,
     },
     "s32:none": {"preset": "dynaguide", "guide": None, "max_iter": 60, **_SMALL},
     "s32:kmeans-anneal": {
@@ -134,6 +183,8 @@ def segment(args: argparse.Namespace) -> int:
     from dynaguide.io import load_image
 
     ids = _items(args.data, args.limit)
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    ids = ids[shard::n_shards]
     for name in args.candidates:
         if name not in CANDIDATES:
             raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
@@ -330,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, required=True)
         if cmd == "segment":
             p.add_argument("candidates", nargs="+")
+            p.add_argument("--shard", default="0/1", help="I/N: every N-th image from the I-th")
         else:
             p.add_argument("--candidates", nargs="+", required=True)
             p.add_argument("--post", nargs="+", default=["raw", "cc"])
