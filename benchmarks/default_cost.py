@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refine_cpu import VAL, AuthorsLoop  # noqa: E402
+from refine_cpu import VAL, AuthorsLoop
 
-import dynaguide as dg  # noqa: E402
-from dynaguide.benchmarking import summarize, write_results  # noqa: E402
-from dynaguide.config import get_preset  # noqa: E402
-from dynaguide.guidance import compute_guide_labels  # noqa: E402
-from dynaguide.io import load_image  # noqa: E402
+import dynaguide as dg
+from dynaguide.benchmarking import summarize, write_results
+from dynaguide.config import get_preset
+from dynaguide.guidance import compute_guide_labels
+from dynaguide.io import load_image
 
 
 def main(argv: list[str] | None = None) -> int:
