@@ -101,13 +101,13 @@ def segment_batch(
     ):
         raise ValueError(f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}")
     # settings errors are not input errors: raise them before any image is touched
-    build_config(
+    config = build_config(
         kwargs.get("preset", DEFAULT_PRESET),
         max_iter=kwargs.get("max_iter"),
         **{k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS},
     )
     items: Sequence[Any] = list(images)
-    if batch_size == 1:
+    if batch_size == 1 or config.max_iter == 0:  # no refinement: nothing to batch
         return _sequential(items, on_error, progress, dev, kwargs)
     for name in ("callback", "cuda_graph"):
         if kwargs.get(name):

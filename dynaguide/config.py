@@ -47,7 +47,8 @@ class RefineConfig:
         ``"scf"`` -> ``scf_mu`` / K. K is the number of distinct argmax labels of the
         current iteration (K_eff = max(K, opt_nC) during the silhouette phase).
     Stopping
-        at most ``max_iter`` iterations; stop once K <= ``min_labels`` (0 disables);
+        at most ``max_iter`` iterations (0: no refinement at all, the guide's labels go
+        straight to the post-processing); stop once K <= ``min_labels`` (0 disables);
         convergence: stop when the fraction of pixels whose label changed over the last
         ``convergence_window`` iterations is below ``convergence_tol`` (0 disables).
         ``check_every`` iterations between host checks on CUDA (CPU checks every one).
@@ -146,7 +147,7 @@ class RefineConfig:
         """Validate every field with a message naming it."""
         _positive_int("n_channels", self.n_channels, minimum=2)
         _positive_int("n_conv", self.n_conv, minimum=1)
-        _positive_int("max_iter", self.max_iter, minimum=1)
+        _positive_int("max_iter", self.max_iter, minimum=0)
         _positive_int("check_every", self.check_every, minimum=1)
         _positive_int("convergence_window", self.convergence_window, minimum=1)
         _positive_int("silhouette_samples", self.silhouette_samples, minimum=10)

@@ -194,9 +194,9 @@ def full_size_labels(result: RefineResult, prepared: Prepared, config: RefineCon
     """
     full = prepared.rgb.shape[:2]
     work = prepared.work.shape[:2]
-    if config.upsample == "nearest" or full == work:
-        return resize_labels(result.labels.cpu().numpy(), full)
     model = result.model
+    if config.upsample == "nearest" or full == work or model is None:
+        return resize_labels(result.labels.cpu().numpy(), full)
     device = next(model.parameters()).device
     model.train(config.final_pass != "eval")
     response = model(image_tensor(prepared.work, config, device)).float()

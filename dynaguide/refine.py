@@ -36,7 +36,7 @@ class RefineResult:
     stop_reason: str
     opt_clusters: int | None
     seconds: float
-    model: RefineNet
+    model: RefineNet | None  # None when no refinement ran (max_iter=0)
 
 
 def image_tensor(image: np.ndarray, config: RefineConfig, device: torch.device) -> torch.Tensor:
@@ -379,6 +379,8 @@ def refine(
     """
     dev = torch.device(device)
     t0 = time.perf_counter()
+    if config.max_iter == 0:
+        return _guide_only(guide_labels, dev, t0)
     if cuda_graph and config.guidance_anneal > 0:
         raise ValueError(
             "guidance_anneal changes the guidance weight every iteration and cannot be "
@@ -430,6 +432,23 @@ def refine(
         opt_clusters=state.opt_clusters,
         seconds=time.perf_counter() - t0,
         model=state.model,
+    )
+
+
+def _guide_only(guide_labels: np.ndarray | None, device: torch.device, t0: float) -> RefineResult:
+    """The result of ``max_iter=0``: the guide's labels, no network."""
+    if guide_labels is None:
+        raise ValueError("max_iter=0 (no refinement) needs a guide: pass guidance=")
+    labels = torch.from_numpy(np.asarray(guide_labels, dtype=np.int64)).to(device)
+    return RefineResult(
+        labels=labels,
+        n_iter=0,
+        loss_history=[],
+        k_history=[],
+        stop_reason="no refinement (max_iter=0)",
+        opt_clusters=None,
+        seconds=time.perf_counter() - t0,
+        model=None,
     )
 
 

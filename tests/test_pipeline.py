@@ -166,3 +166,19 @@ def test_postprocess_settings_in_segment():
     assert areas.min() >= 0.05 * seg.labels.size or seg.n_labels == 1
     with pytest.raises(ValueError, match="connectivity"):
         dynaguide.segment(_image(), guidance=None, max_iter=2, min_area=0.1)
+
+
+def test_max_iter_zero_post_processes_the_guide_alone():
+    img = _image(48, 56)
+    guide = np.zeros((48, 56), np.int64)
+    guide[:, 28:] = 5
+    guide[3, 3] = 9  # a one-pixel speck, merged away by min_area
+    seg = dynaguide.segment(img, guidance=guide, max_iter=0, connectivity=8, min_area=10)
+    assert seg.n_iter == 0 and seg.stop_reason.startswith("no refinement")
+    assert seg.n_labels == 2 and (seg.labels[:, :28] == seg.labels[0, 0]).all()
+    segs = dynaguide.segment_batch(
+        [img, img], guidance=guide, max_iter=0, batch_size=2, connectivity=8, min_area=10
+    )
+    assert all(np.array_equal(s.labels, seg.labels) for s in segs)
+    with pytest.raises(ValueError, match="needs a guide"):
+        dynaguide.segment(img, guidance=None, max_iter=0)
