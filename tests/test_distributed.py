@@ -198,10 +198,15 @@ def test_worker_writes_what_dynaguide_segment_writes(tmp_path: Path, one_thread)
     assert store.done_keys("files") == {"img0", "img1"}
     (err,) = store.errors()
     assert err["id"] == "broken" and err["source"] == str(src / "broken.jpg")
-    # a second call skips what is done and does not touch its files
+    # what is done is skipped, its files untouched: ids the driver passes as done (a
+    # ray.data.Dataset source), and in a batch re-run after its worker died
     mtime = (ray_out / "img0.labels.png").stat().st_mtime_ns
-    again = worker(_batch(items))
+    done = frozenset(store.done_keys("files"))
+    again = SegmentWorker(store, "files", None, dict(FAST), done_keys=done)(_batch(items))
     assert again["status"] == ["error", "skipped", "skipped"]
+    digest = hashlib.sha1(b"broken\nimg0\nimg1").hexdigest()[:24]
+    store.write_bytes(f"{MANIFEST_DIR}/attempts/{digest}", b"1\n")
+    assert worker(_batch(items))["status"] == ["error", "skipped", "skipped"]
     assert (ray_out / "img0.labels.png").stat().st_mtime_ns == mtime
 
 

@@ -120,7 +120,9 @@ def _check_settings(
     return {
         "config": config.to_dict(),
         "guidance": named,
-        "options": {k: v for k, v in options.items() if k in ("seed", "scale", "amp")},
+        "seed": options.get("seed", 0),
+        "scale": options.get("scale"),
+        "amp": bool(options.get("amp", False)),
     }
 
 
@@ -288,6 +290,7 @@ def segment_dataset(
             "threads": max(1, int(cpus_per_worker)),
             "refine_batch_size": refine_batch_size,
             "done_keys": frozenset(done) if items is None else None,
+            "error_keys": frozenset(store.error_keys()),
             "max_retries": max_retries,
         }
         results = ds.map_batches(

@@ -152,10 +152,12 @@ class OutputStore:
         """Relative path of the error record of ``image_id``."""
         return f"{MANIFEST_DIR}/errors/{id_key(image_id)}.json"
 
-    def mark_done(self, image_id: str, info: dict[str, Any]) -> None:
-        """Record ``image_id`` as finished (after its outputs are written)."""
+    def mark_done(self, image_id: str, info: dict[str, Any], *, had_error: bool = True) -> None:
+        """Record ``image_id`` as finished (after its outputs are written) and drop its
+        error record (``had_error=False``: known to have none, saves a request)."""
         self.write_json(self.done_marker(image_id), {"id": image_id, "time": time.time(), **info})
-        self.delete(self.error_record(image_id))
+        if had_error:
+            self.delete(self.error_record(image_id))
 
     def is_done(self, image_id: str) -> bool:
         """Whether the done marker of ``image_id`` exists (files format)."""
@@ -170,17 +172,23 @@ class OutputStore:
         """:func:`id_key` of every finished id, read from the manifest of ``output_format``."""
         if output_format == "files":
             return {n[: -len(".json")] for n in self.list_files(f"{MANIFEST_DIR}/done")}
-        import pyarrow.parquet as pq
+        import pyarrow.dataset as pds
 
-        keys: set[str] = set()
-        for name in self.list_files(SEGMENTS_DIR):
-            if not name.endswith(".parquet"):
-                continue
-            table = pq.read_table(
-                self.path(f"{SEGMENTS_DIR}/{name}"), columns=["id"], filesystem=self.filesystem
-            )
-            keys.update(id_key(i) for i in table.column("id").to_pylist())
-        return keys
+        parts = [n for n in self.list_files(SEGMENTS_DIR) if n.endswith(".parquet")]
+        if not parts:
+            return set()
+        files = [self.path(f"{SEGMENTS_DIR}/{n}") for n in parts]
+        if self.is_local:
+            table = pds.dataset(files, format="parquet").to_table(columns=["id"])
+        else:
+            table = pds.dataset(files, format="parquet", filesystem=self.filesystem).to_table(
+                columns=["id"]
+            )  # the parts are read by a thread pool
+        return {id_key(i) for i in table.column("id").to_pylist()}
+
+    def error_keys(self) -> set[str]:
+        """:func:`id_key` of every id with an error record."""
+        return {n[: -len(".json")] for n in self.list_files(f"{MANIFEST_DIR}/errors")}
 
     def clear_attempts(self) -> None:
         """Remove the workers' attempt counts (call before a run starts, when no worker of

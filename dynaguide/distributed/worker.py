@@ -88,6 +88,9 @@ class SegmentWorker:
         ``batch_size`` of :func:`dynaguide.segment_batch`.
     done_keys : frozenset of str, optional
         :func:`id_key` of ids finished by an earlier run: such rows are skipped.
+    error_keys : frozenset of str, optional
+        :func:`id_key` of ids with an error record (removed when they succeed); None:
+        unknown, every success tries to remove one.
     max_retries : int
         Isolated worker deaths an image may cause before it is reported as an error.
     """
@@ -103,6 +106,7 @@ class SegmentWorker:
         threads: int = 1,
         refine_batch_size: int | str | None = None,
         done_keys: frozenset[str] | None = None,
+        error_keys: frozenset[str] | None = None,
         max_retries: int = 3,
     ):
         import torch
@@ -118,6 +122,7 @@ class SegmentWorker:
         self.device = "cuda" if use_gpu else "cpu"
         self.refine_batch_size = refine_batch_size
         self.done_keys = done_keys or frozenset()
+        self.error_keys = error_keys
         self.max_retries = max_retries
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         kwargs = dict(segment_kwargs)
@@ -161,8 +166,8 @@ class SegmentWorker:
                 out.append(rec | {"status": "error", "reason": _reason(exc)})
                 continue
             if id_key(row["id"]) in self.done_keys or (
-                self.output_format == "files" and self.store.is_done(row["id"])
-            ):
+                retried and self.output_format == "files" and self.store.is_done(row["id"])
+            ):  # a re-run batch: the images it finished before dying are done
                 out.append(rec | {"status": "skipped"})
                 continue
             pending.append((row, rec))
@@ -183,10 +188,14 @@ class SegmentWorker:
         if self.output_format == "parquet" and parts:
             self._write_part(parts, digest)
             for p in parts:
-                self.store.delete(self.store.error_record(p["id"]))
+                if self._had_error(p["id"]):
+                    self.store.delete(self.store.error_record(p["id"]))
         self.store.delete(attempt)
         out.sort(key=lambda r: r["_pos"])  # input order
         return {k: [r[k] for r in out] for k in RECORD_FIELDS}
+
+    def _had_error(self, image_id: str) -> bool:
+        return self.error_keys is None or id_key(image_id) in self.error_keys
 
     def _count(self, relative: str) -> int:
         try:
@@ -244,7 +253,8 @@ class SegmentWorker:
             try:
                 if self.output_format == "files":
                     self._save_files(seg, row["id"])
-                    self.store.mark_done(row["id"], {"source": name, "n_labels": seg.n_labels})
+                    info = {"source": name, "n_labels": seg.n_labels}
+                    self.store.mark_done(row["id"], info, had_error=self._had_error(row["id"]))
                 else:
                     from dynaguide.distributed.records import segment_record
 
