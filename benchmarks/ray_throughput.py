@@ -170,6 +170,34 @@ def _converged_outputs(paths: list[Path], tmp: Path) -> dict[str, Any]:
     }
 
 
+def _cpu_side_seconds(paths: list[Path], tmp: Path, repeats: int = 3) -> dict[str, Any]:
+    """CPU work of a worker per full-size image besides the refinement (median seconds):
+    decoding the JPEG, the k-means guide, writing the files of one result."""
+    import numpy as np
+
+    from dynaguide.guidance import get_guide
+    from dynaguide.segmentation import Segmentation
+
+    guide = get_guide("kmeans")
+    timings: dict[str, list[float]] = {"decode": [], "kmeans_guide": [], "save_files": []}
+    for path in paths[:repeats]:
+        t = time.perf_counter()
+        rgb = dynaguide.io.load_image(path)
+        timings["decode"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        labels = np.asarray(guide(rgb))
+        timings["kmeans_guide"].append(time.perf_counter() - t)
+        compact, k = dynaguide.relabel_sequential(labels.astype(np.int64))
+        seg = Segmentation(
+            labels=compact.astype(np.int32), n_labels=int(k), n_iter=0, history={},
+            guide_labels=None, image=rgb, config={}, seconds=0.0, stop_reason="timing",
+        )  # fmt: skip
+        t = time.perf_counter()
+        seg.save(tmp / "cpu-side", path.stem)
+        timings["save_files"].append(time.perf_counter() - t)
+    return {k: summarize(v)["median"] for k, v in timings.items()}
+
+
 def _history_bytes_per_iteration(out: Path) -> float:
     """JSON bytes the per-iteration history adds (loss and K per iteration)."""
     data = [json.loads(p.read_text()) for p in out.glob("*.json")]
@@ -244,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_result = _ray_runs(paths, kwargs, args.workers, args.repeats, tmp)
         ray_result["history_bytes_per_iteration"] = _history_bytes_per_iteration(tmp / "ray-0")
         converged = _converged_outputs(paths, tmp)
+        cpu_side = _cpu_side_seconds(paths, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     payload = {
@@ -263,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             ray_result["steady_images_per_s"]["median"] / one["images_per_s"]
         ),
         "converged_outputs_proxy": converged,
+        "cpu_side_seconds_per_full_size_image": cpu_side,
         "scaling_model": scaling_model(args.preset),
     }
-    path = write_results("ray_throughput", torch.device("cpu"), payload, args.out)
+    out = args.out if args.out is not None else ROOT / "benchmarks" / "results"
+    path = write_results("ray_throughput", torch.device("cpu"), payload, out)
     print(json.dumps({k: payload[k] for k in payload if k.startswith("ratio")}, indent=1))
     print(
         f"in-process 1 thread {one['images_per_s']:.2f} img/s, {args.workers} threads "
