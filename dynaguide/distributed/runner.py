@@ -34,6 +34,8 @@ from dynaguide.distributed.worker import RECORD_FIELDS, SegmentWorker
 __all__ = ["DatasetRun", "segment_dataset"]
 
 OUTPUT_FORMATS = ("files", "parquet")
+#: Failures listed in :attr:`DatasetRun.errors` (all of them are in ``OUT/errors.jsonl``).
+MAX_ERRORS_KEPT = 1000
 #: segment() keywords that make no sense in a distributed run.
 _REFUSED = ("device", "callback", "name", "cuda_graph")
 ProgressHook = Callable[[dict[str, Any]], None]
@@ -54,7 +56,7 @@ class DatasetRun:
     errors_file : str
         ``OUT/errors.jsonl``: every input that failed so far, with its reason.
     errors : list of dict
-        This run's failures: ``{"id", "reason"}``.
+        This run's failures, ``{"id", "reason"}`` (the first :data:`MAX_ERRORS_KEPT`).
     """
 
     output: str
@@ -271,12 +273,14 @@ def segment_dataset(
 
     started = _connect(ray, ray_address)
     try:
+        pool = _pool_size(ray, num_workers, float(gpus_per_worker), float(cpus_per_worker))
         if items is not None:
             rows = [{"id": it.id, "path": it.path, "name": it.name} for it in todo]
-            ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size))
+            blocks = math.ceil(len(rows) / batch_size)
+            ds = ray.data.from_items(rows, override_num_blocks=blocks)
+            pool = min(pool, blocks)  # more workers than batches would idle
         else:
             ds = source
-        pool = _pool_size(ray, num_workers, float(gpus_per_worker), float(cpus_per_worker))
         worker_kwargs = {
             "store": store,
             "output_format": output_format,
@@ -323,11 +327,12 @@ def _collect(results: Any, run: DatasetRun, progress: ProgressHook | None) -> No
                 run.skipped += 1
             else:
                 run.failed += 1
-                run.errors.append({"id": record["id"], "reason": record["reason"]})
+                if len(run.errors) < MAX_ERRORS_KEPT:
+                    run.errors.append({"id": record["id"], "reason": record["reason"]})
             if progress is not None:
                 progress(record)
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars -> Python values (NaN-free records stay JSON-able)."""
+    """A numpy scalar as the Python value (records handed to ``progress`` are plain)."""
     return value.item() if hasattr(value, "item") else value

@@ -165,10 +165,11 @@ class SegmentWorker:
             except ValueError as exc:
                 out.append(rec | {"status": "error", "reason": _reason(exc)})
                 continue
-            if id_key(row["id"]) in self.done_keys or (
-                retried and self.output_format == "files" and self.store.is_done(row["id"])
-            ):  # a re-run batch: the images it finished before dying are done
+            if id_key(row["id"]) in self.done_keys:  # by an earlier run
                 out.append(rec | {"status": "skipped"})
+                continue
+            if retried and self.output_format == "files" and self.store.is_done(row["id"]):
+                out.append(rec | {"status": "done"})  # by the attempt that died, this run
                 continue
             pending.append((row, rec))
         if retried:  # an earlier attempt died: isolate each image and count its deaths
