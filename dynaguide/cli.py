@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip images whose three outputs already exist (the JSON is written last)",
     )
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = seg.add_argument_group("Ray cluster (pip install 'dynaguide[ray]')")
+    ray.add_argument("--ray", action="store_true", help="segment on Ray; IN/OUT may be URIs")
+    ray.add_argument("--address", help="cluster address, e.g. auto (default: a local cluster)")
+    ray.add_argument("--num-workers", type=_positive_int, help="workers (default: all CPUs/GPUs)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0, help="(default %(default)s)")
+    ray.add_argument("--output-format", choices=("files", "parquet"), default="files")
     seg.set_defaults(func=_cmd_segment, _parser=seg)
 
     demo = sub.add_parser(
@@ -291,6 +297,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from dynaguide.segmentation import Segmentation
 
     parser = args._parser
+    if args.ray:
+        from dynaguide.distributed.cli import run_segment
+
+        return run_segment(args)
     _check_device(parser, args.device)
     guidance = _resolve_guidance(parser, args.guidance)
     plan = _plan(parser, args.input, args.output, args.recursive)

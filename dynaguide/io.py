@@ -63,6 +63,8 @@ def load_image(source: Any, *, name: str | None = None) -> np.ndarray:
     source : str, os.PathLike, PIL.Image.Image, numpy.ndarray or torch.Tensor
         - **path**: decoded with PIL. The EXIF orientation is applied; for multi-frame
           files (GIF, TIFF) the first frame is used.
+        - **bytes**: the encoded content of an image file (JPEG, PNG, ...), e.g. read
+          from an object store; decoded exactly like a path.
         - **PIL image**: any mode (see the policy below), used as it is (no EXIF
           transpose: that is applied only when dynaguide opens the file itself).
         - **numpy array**: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), channels last, of
@@ -119,6 +121,8 @@ def load_image(source: Any, *, name: str | None = None) -> np.ndarray:
     """
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source), name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _load_bytes(bytes(source), name)
     if isinstance(source, Image.Image):
         try:
             source.load()  # a lazily opened image decodes here
@@ -135,8 +139,8 @@ def load_image(source: Any, *, name: str | None = None) -> np.ndarray:
         return _from_array(_tensor_to_hwc(source, name), name, "tensor")
     raise TypeError(
         f"{_label(name, 'input')}: unsupported image type {type(source).__module__}."
-        f"{type(source).__qualname__}; expected a path, PIL.Image.Image, numpy.ndarray "
-        "or torch.Tensor"
+        f"{type(source).__qualname__}; expected a path, image file bytes, PIL.Image.Image, "
+        "numpy.ndarray or torch.Tensor"
     )
 
 
@@ -249,33 +253,42 @@ def _load_path(path: Path, name: str | None) -> np.ndarray:
         raise FileNotFoundError(f"{_label(name, str(path))}: no such file")
     if path.is_dir():
         raise ImageReadError(f"{_label(name, str(path))}: is a directory, not an image file")
+    return _decode_file(path, _label(name, str(path)), str(path), name)
+
+
+def _load_bytes(data: bytes, name: str | None) -> np.ndarray:
+    label = _label(name, f"image file content ({len(data)} bytes)")
+    return _decode_file(io.BytesIO(data), label, None, label)
+
+
+def _decode_file(
+    file: Path | io.BytesIO, label: str, path: str | None, name: str | None = None
+) -> np.ndarray:
+    """Decode an image file (a path or an in-memory file) with EXIF orientation applied."""
     try:
-        with Image.open(path) as im:
+        with Image.open(file) as im:
             im.load()  # decodes the first frame; the pixels stay valid after closing
     except Image.DecompressionBombError as exc:
         raise ImageReadError(
-            f"{_label(name, str(path))}: refused by PIL as a possible decompression bomb ({exc}). "
+            f"{label}: refused by PIL as a possible decompression bomb ({exc}). "
             "If you trust this file, raise PIL.Image.MAX_IMAGE_PIXELS (None disables the check)"
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(
-            f"{_label(name, str(path))}: not a readable image file (PIL cannot identify it)"
+            f"{label}: not a readable image file (PIL cannot identify it)"
         ) from exc
     except (PermissionError, MemoryError):
         raise
     except Exception as exc:  # OSError (truncated), SyntaxError, struct.error, zlib.error, ...
-        raise ImageReadError(
-            f"{_label(name, str(path))}: cannot decode image: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ImageReadError(f"{label}: cannot decode image: {type(exc).__name__}: {exc}") from exc
     try:
         im = ImageOps.exif_transpose(im)
     except Exception as exc:  # malformed EXIF must not make a readable image unusable
         warnings.warn(
-            f"{_label(name, str(path))}: could not apply the EXIF orientation ({exc}); "
-            "using the image as stored",
-            stacklevel=3,
+            f"{label}: could not apply the EXIF orientation ({exc}); using the image as stored",
+            stacklevel=4,
         )
-    return _from_pil(im, name, str(path))
+    return _from_pil(im, name, path)
 
 
 def _from_pil(im: Image.Image, name: str | None, path: str | None) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -22,3 +23,14 @@ def pytest_report_header(config):
     return [f"dynaguide {dynaguide.__version__} from {os.path.dirname(dynaguide.__file__)}"] + [
         f"  {k}: {v}" for k, v in report.items()
     ]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n N`` keep the tests marked ``xdist_group`` (the Ray cluster tests share one
+    cluster per module) on one worker; every other test is spread as with ``--dist load``."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    return LoadGroupScheduling(config, log)

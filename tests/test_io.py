@@ -583,3 +583,19 @@ def test_save_json_unknown_type(tmp_path: Path) -> None:
         save_json(tmp_path / "o.json", {"bad": object()})
     assert "o.json" in str(info.value)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_encoded_bytes_decode_like_the_file(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(5).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rgb).save(path, exif=exif, quality=95)
+    from_bytes = load_image(path.read_bytes())
+    assert np.array_equal(from_bytes, load_image(path))
+    assert from_bytes.shape == (9, 6, 3)  # EXIF orientation applied, as for the path
+    assert np.array_equal(load_image(bytearray(path.read_bytes())), from_bytes)
+    with pytest.raises(ImageReadError, match=r"bad\.jpg: not a readable image"):
+        load_image(b"not an image", name="bad.jpg")
+    with pytest.raises(ImageReadError, match=r"image file content \(3 bytes\)"):
+        load_image(b"abc")
