@@ -150,6 +150,18 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper presets at a tenth of a megapixel's tenth (0.01 MP: 481x321 -> 122x81), 100
+# iterations, each preset's own stopping rules and its guide's default settings.
+for _preset in ("dfc", "dynaseg-scf", "dynaseg-fsf", "dynaguide"):
+    for _guide in ("none", "kmeans", "felzenszwalb"):
+        CANDIDATES[f"paper:{_preset}:{_guide}"] = {
+            "preset": _preset,
+            "guide": None if _guide == "none" else _guide,
+            "max_iter": 100,
+            "work_pixels": 10_000,
+        }
+
+
 def _items(data: Path, limit: int | None) -> list[str]:
     ids = sorted(p.stem for p in (data / "images").glob("*.jpg"))
     return ids[:limit] if limit else ids

@@ -9,12 +9,10 @@ from typing import Any
 
 import torch
 
-from dynaguide.config import RefineConfig, get_preset
+from dynaguide.config import DEFAULT_PRESET, RefineConfig, get_preset
 from dynaguide.pipeline import DEFAULT, deadline_of, finish, prepare
 from dynaguide.refine import ProgressCallback, refine
 from dynaguide.segmentation import Segmentation
-
-DEFAULT_PRESET = "dynaguide"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -71,11 +69,14 @@ def segment(
         See :func:`dynaguide.io.load_image` for the accepted forms and the policy for
         grayscale, RGBA, 16-bit and float images.
     preset : str or RefineConfig
-        ``"dynaguide"`` (default), ``"dfc"``, ``"dynaseg-scf"``, ``"dynaseg-fsf"`` or a
+        ``"felzenszwalb-merge"`` (default: the best pipeline measured on BSDS500, which
+        runs no network), ``"dynaguide-fast"`` (the best refinement pipeline), the paper
+        presets ``"dynaguide"``, ``"dfc"``, ``"dynaseg-scf"``, ``"dynaseg-fsf"`` or a
         ``*-reference`` variant; see :func:`dynaguide.presets`.
     guidance : "default", None, str, array, Guide or callable
-        ``"default"`` uses the preset's default guide (``kmeans`` for ``dynaguide``,
-        none for the others). A label array must have the image's (H, W).
+        ``"default"`` uses the preset's default guide (``felzenszwalb`` for the two first
+        presets, ``kmeans`` for ``dynaguide``, none for the others). A label array must
+        have the image's (H, W).
     guidance_options : dict, optional
         Options for a named guide's factory.
     device : str or torch.device

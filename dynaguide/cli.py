@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dynaguide.config import DEFAULT_PRESET
+
 __all__ = ["DEMO_IMAGES", "DEMO_MAX_ITER", "DEMO_SCALE", "build_parser", "main"]
 
 #: Modules that may add subcommands through ``register(subparsers)``.
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("input", metavar="IN", type=Path, help="image file or folder of images")
     seg.add_argument("output", metavar="OUT", type=Path, help="output folder (created)")
     seg.add_argument(
-        "--preset", default="dynaguide", choices=_preset_names(), help="(default %(default)s)"
+        "--preset", default=DEFAULT_PRESET, choices=_preset_names(), help="(default %(default)s)"
     )
     seg.add_argument(
         "--guidance",

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dynaguide.config import DEFAULT_PRESET
 from dynaguide.distributed.sources import check_id
 from dynaguide.distributed.store import MANIFEST_DIR, SEGMENTS_DIR, OutputStore, id_key
 
@@ -130,7 +131,7 @@ class SegmentWorker:
         options = kwargs.pop("guidance_options", None) or {}
         overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS}
         config = build_config(
-            kwargs.get("preset", "dynaguide"), max_iter=kwargs.get("max_iter"), **overrides
+            kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
         )
         if isinstance(guidance, str) and guidance == DEFAULT:
             guidance = config.default_guidance

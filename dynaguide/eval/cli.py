@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dynaguide.config import DEFAULT_PRESET
+
 __all__ = ["main", "register", "run"]
 
 
@@ -61,7 +63,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "dataset_dir", type=Path, help="dataset folder (a BSDS500 split, e.g. .../bsds500/val)"
     )
-    p.add_argument("--preset", default="dynaguide", help="refinement preset (default: dynaguide)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset (default: {DEFAULT_PRESET})")
     p.add_argument(
         "--guidance",
         default="default",

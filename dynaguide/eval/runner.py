@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dynaguide.config import DEFAULT_PRESET
 from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
 from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
 
@@ -252,7 +253,7 @@ def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, 
 def evaluate(
     dataset: BSDS500Dataset | FolderDataset | str | os.PathLike[str],
     *,
-    preset: str = "dynaguide",
+    preset: str = DEFAULT_PRESET,
     guidance: Any = "default",
     scale: float | None = None,
     max_iter: int | None = None,
