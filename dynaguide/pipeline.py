@@ -243,7 +243,6 @@ def finish(
         "refine_size": list(prepared.work.shape[:2]),
         "opt_clusters": result.opt_clusters,
         "seed": seed,
-        "total_seconds": time.perf_counter() - prepared.started,
         **prepared.notes,
     }
     if batched:

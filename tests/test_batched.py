@@ -253,7 +253,7 @@ def test_segment_batch_batched_equals_sequential(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     inputs = [_image(16, 20, 0), str(bad), _image(20, 16, 1), _image(16, 20, 2)]
-    kw = {"max_iter": 4, "seed": 3, "min_labels": 0}
+    kw = {"preset": "dynaguide", "max_iter": 4, "seed": 3, "min_labels": 0}
     with pytest.warns(UserWarning, match="broken.png"):
         seq = dynaguide.segment_batch(inputs, on_error="skip", batch_size=1, **kw)
     seen: list[int] = []
@@ -273,7 +273,9 @@ def test_segment_batch_batched_equals_sequential(tmp_path):
     with pytest.raises(ValueError):  # the broken file, with on_error="raise"
         dynaguide.segment_batch(inputs, batch_size=2, **kw)
     with pytest.raises(ValueError, match="callback"):
-        dynaguide.segment_batch(inputs[:1], batch_size=2, callback=lambda *a: None)
+        dynaguide.segment_batch(
+            inputs[:1], preset="dynaguide", batch_size=2, callback=lambda *a: None
+        )
     with pytest.raises(ValueError, match="batch_size"):
         dynaguide.segment_batch(inputs[:1], batch_size=0)
     with pytest.raises(TypeError, match="unknown RefineConfig field"):

@@ -19,6 +19,7 @@ from PIL import Image
 
 import dynaguide
 from dynaguide import cli
+from dynaguide.config import DEFAULT_PRESET
 from dynaguide.io import read_label_png
 from dynaguide.segmentation import Segmentation
 
@@ -139,7 +140,7 @@ def test_segment_default_guidance_and_named_guide(
     assert cli.main(["segment", str(img), str(tmp_path / "o1"), "--quiet"]) == 0
     assert calls[-1]["guidance"] == "default"
     assert "guidance_options" not in calls[-1]
-    assert calls[-1]["preset"] == "dynaguide"
+    assert calls[-1]["preset"] == DEFAULT_PRESET
     assert (
         cli.main(["segment", str(img), str(tmp_path / "o2"), "--guidance", "SLIC", "--quiet"]) == 0
     )
@@ -351,4 +352,4 @@ def test_end_to_end_real_segment(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert 1 <= meta["n_iter"] <= 3
     assert meta["n_labels"] == len(np.unique(labels))
     assert meta["image_shape"] == [20, 24, 3]
-    assert meta["config"]["name"] == "dynaguide"
+    assert meta["config"]["name"] == DEFAULT_PRESET

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import dynaguide
+from dynaguide.config import DEFAULT_PRESET
 from dynaguide.eval import BSDS500Dataset, evaluate, load_cached
 from dynaguide.eval.cli import register
 
@@ -82,7 +83,7 @@ def test_evaluate_plumbing_cache_resume_and_failures(tmp_path):
     assert len(fake.calls) == 3
     kwargs = fake.calls[0][1]
     assert kwargs["max_iter"] == 4 and kwargs["scale"] == 0.5 and kwargs["seed"] == 3
-    assert kwargs["preset"] == "dynaguide" and kwargs["name"] == "a"
+    assert kwargs["preset"] == DEFAULT_PRESET and kwargs["name"] == "a"
     assert report["n_images"] == 3 and report["n_scored"] == 2 and report["n_failed"] == 1
     assert report["failed"][0]["id"] == "b" and "b.jpg" in report["failed"][0]["error"]
     for key in ("raw", "cc8"):
@@ -91,7 +92,7 @@ def test_evaluate_plumbing_cache_resume_and_failures(tmp_path):
             assert s[mode] == pytest.approx(value, abs=1e-12), (key, mode)
         assert s["counts"] == {"All": 12, "Fine": 8, "Coarse": 4}
     p = report["protocol"]
-    assert p["preset"] == "dynaguide" and p["max_iter"] == 4 and p["effective_max_iter"] == 4
+    assert p["preset"] == DEFAULT_PRESET and p["max_iter"] == 4 and p["effective_max_iter"] == 4
     assert p["scale"] == 0.5 and p["seed"] == 3 and p["n_images"] == 3
     assert p["stopping_rule"]["max_iter"] == 4 and "git_commit" in p["code_version"]
     assert set(p["scores"]) == {"raw", "cc8"}

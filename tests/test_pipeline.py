@@ -160,12 +160,12 @@ def test_time_budget_stops_the_loop():
 
 
 def test_postprocess_settings_in_segment():
-    seg = dynaguide.segment(_image(48, 56), guidance=None, max_iter=5, connectivity=8,
-                            min_area=0.05)  # fmt: skip
+    seg = dynaguide.segment(_image(48, 56), preset="dynaguide", guidance=None, max_iter=5,
+                            connectivity=8, min_area=0.05)  # fmt: skip
     areas = np.bincount(seg.labels.ravel())
     assert areas.min() >= 0.05 * seg.labels.size or seg.n_labels == 1
     with pytest.raises(ValueError, match="connectivity"):
-        dynaguide.segment(_image(), guidance=None, max_iter=2, min_area=0.1)
+        dynaguide.segment(_image(), preset="dynaguide", guidance=None, max_iter=2, min_area=0.1)
 
 
 def test_max_iter_zero_post_processes_the_guide_alone():
