@@ -49,6 +49,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "alone:kmeans": {"guide": "kmeans"},
     "alone:felz300": {"guide": "felzenszwalb", "guide_options": _FELZ},
     "alone:felz100": {"guide": "felzenszwalb", "guide_options": {**_FELZ, "scale": 100.0}},
+    "alone:felz750": {"guide": "felzenszwalb", "guide_options": {**_FELZ, "scale": 750.0}},
     "alone:felz200": {"guide": "felzenszwalb", "guide_options": {**_FELZ, "scale": 200.0}},
     "alone:felz500": {"guide": "felzenszwalb", "guide_options": {**_FELZ, "scale": 500.0}},
     "alone:slic100": {"guide": "slic"},
