@@ -6,6 +6,7 @@ Data flows one way: load -> (downscale) -> guide -> refine -> label -> (upscale)
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any
 
@@ -14,8 +15,9 @@ import torch
 
 from dynaguide.batched import estimate_refine_bytes, free_memory
 from dynaguide.config import RefineConfig, get_preset
+from dynaguide.errors import RefinementDivergedError, as_int
 from dynaguide.guidance import compute_guide_labels
-from dynaguide.io import load_image
+from dynaguide.io import load_image, reduce_for_resize
 from dynaguide.native import relabel_sequential
 from dynaguide.refine import ProgressCallback, refine
 from dynaguide.segmentation import Segmentation
@@ -59,7 +61,7 @@ def refinement_size(
 ) -> tuple[int, int]:
     """Size the image is refined at: ``scale`` applied, then capped at ``max_pixels``."""
     if scale is not None:
-        if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+        if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and 0 < scale <= 1):
             raise ValueError(f"scale must be a number in (0, 1], got {scale!r}")
         height, width = max(2, round(height * scale)), max(2, round(width * scale))
     if max_pixels is not None and height * width > max_pixels:
@@ -73,20 +75,22 @@ def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     from skimage.transform import resize
 
+    image = reduce_for_resize(image, size)  # bounded memory for very large images
     out = resize(image, size, order=1, anti_aliasing=True, preserve_range=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-exact resize by index (torch's source rows and columns): any ids stay exact."""
     if labels.shape == size:
         return labels
-    t = torch.from_numpy(labels.astype(np.int64))[None, None].float()
-    return (
-        torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")[0, 0]
-        .long()
-        .numpy()
-        .astype(labels.dtype)
-    )
+    nearest = torch.nn.functional.interpolate
+
+    def source(n: int, m: int) -> np.ndarray:
+        grid = torch.arange(n, dtype=torch.float32)[None, None, None, :]  # exact: n < 2**24
+        return nearest(grid, size=(1, m), mode="nearest-exact")[0, 0, 0].long().numpy()
+
+    return labels[np.ix_(source(labels.shape[0], size[0]), source(labels.shape[1], size[1]))]
 
 
 def _check_memory(
@@ -136,7 +140,8 @@ def segment(
         Options for a named guide's factory.
     device : str or torch.device
     seed : int
-        Seeds the network initialisation; CPU results are deterministic per seed.
+        Seeds the network initialisation, in [0, 2**32) (numpy integers too); CPU results
+        are deterministic per seed.
     max_iter : int, optional
         Overrides the preset's iteration budget.
     scale : float in (0, 1], optional
@@ -167,8 +172,7 @@ def segment(
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     config = build_config(preset, max_iter=max_iter, **overrides)
     dev = resolve_device(device)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = as_int(seed, "seed", minimum=0, maximum=2**32 - 1)
     rgb = load_image(image, name=name)
     full = rgb.shape[:2]
     size = refinement_size(*full, scale=scale, max_pixels=config.max_pixels)
@@ -179,6 +183,8 @@ def segment(
         guidance = config.default_guidance
     if isinstance(guidance, (np.ndarray, torch.Tensor)):
         g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
+        if g.ndim == 3 and g.shape[-1] == 1:
+            g = g[..., 0]
         if g.shape[:2] != full:
             raise ValueError(
                 f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
@@ -190,16 +196,19 @@ def segment(
 
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
-    result = refine(
-        work,
-        config,
-        guide_labels=guide_labels,
-        device=dev,
-        seed=seed,
-        callback=callback,
-        amp=amp,
-        cuda_graph=cuda_graph,
-    )
+    try:
+        result = refine(
+            work,
+            config,
+            guide_labels=guide_labels,
+            device=dev,
+            seed=seed,
+            callback=callback,
+            amp=amp,
+            cuda_graph=cuda_graph,
+        )
+    except RefinementDivergedError as exc:
+        raise RefinementDivergedError(f"{label}: {exc}") from None
     labels = result.labels.cpu().numpy()
     compact, k = relabel_sequential(labels)
     compact = _resize_labels(compact.astype(np.int32), full)

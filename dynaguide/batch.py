@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +30,15 @@ from dynaguide.api import (
     segment,
 )
 from dynaguide.config import RefineConfig
+from dynaguide.errors import RefinementDivergedError, as_int, image_failure
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image
 from dynaguide.refine import RefineResult
 from dynaguide.segmentation import Segmentation
 
 ProgressHook = Callable[[int, "Segmentation | None"], None]
-_INPUT_ERRORS = (ValueError, TypeError, OSError, MemoryError)
+#: ``images`` values that are one image (or a folder), not a collection of images.
+_NOT_A_COLLECTION = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Mapping)
 
 
 def _describe(i: int, item: Any) -> str:
@@ -63,11 +65,16 @@ def segment_batch(
     Parameters
     ----------
     images : iterable of image inputs
-        Paths, PIL images, arrays or tensors (see :func:`dynaguide.io.load_image`).
+        A list (or any iterable) of paths, PIL images, arrays or tensors (see
+        :func:`dynaguide.io.load_image`). A single path, array, tensor or PIL image is
+        refused with a ``TypeError`` (pass ``[x]``; for a stack of images ``list(stack)``):
+        iterating it would read characters or rows as images.
     on_error : {"raise", "skip"}
-        ``"skip"``: an input that fails (unreadable, invalid, too large for the device) is
-        reported with a warning naming it, its slot in the result is ``None``, and the rest
-        go on.
+        ``"skip"``: the per-image policy of :mod:`dynaguide.errors`: any exception raised
+        while one input is processed (unreadable, invalid, too large for the device, a
+        failing guide, a diverged refinement, ...) is reported with a warning naming the
+        input, its slot in the result is ``None``, and the rest go on; finished images are
+        never lost. ``"raise"``: the first failure propagates.
     progress : callable(index, result), optional
         Called once per input as it is done (``result`` is None for a skipped input).
         Batched runs finish images out of order.
@@ -91,8 +98,9 @@ def segment_batch(
     Raises
     ------
     ValueError, TypeError
-        Bad settings (``on_error``, ``batch_size``, the preset or its overrides, the
-        device), whatever ``on_error`` says; bad inputs with ``on_error="raise"``.
+        Bad settings (``images`` not a collection, ``on_error``, ``batch_size``, the preset
+        or its overrides, the device, the seed), whatever ``on_error`` says, before any
+        image is touched; bad inputs with ``on_error="raise"``.
     MemoryError
         With ``on_error="raise"``, when one image alone does not fit the device.
 
@@ -106,13 +114,24 @@ def segment_batch(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    from PIL import Image
+
+    if isinstance(images, (*_NOT_A_COLLECTION, Image.Image)) or not isinstance(images, Iterable):
+        raise TypeError(
+            f"images must be a list (or iterable) of images, got a single "
+            f"{type(images).__name__}; pass [image] for one image, list(stack) for a stack"
+        )
     dev = resolve_device(device)
     if batch_size is None:
         batch_size = _default_batch_size(dev)
-    if batch_size != "auto" and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}")
+    if batch_size != "auto":
+        try:
+            batch_size = as_int(batch_size, "batch_size", minimum=1)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}"
+            ) from None
+    kwargs["seed"] = as_int(kwargs.get("seed", 0), "seed", minimum=0, maximum=2**32 - 1)
     # settings errors are not input errors: raise them before any image is touched
     build_config(
         kwargs.get("preset", DEFAULT_PRESET),
@@ -138,9 +157,11 @@ _SEGMENT_ARGS = frozenset(
 
 
 def _skip(i: int, item: Any, exc: BaseException, on_error: str) -> None:
+    """The per-image policy (:mod:`dynaguide.errors`): re-raise or warn and go on."""
     if on_error == "raise":
         raise exc
-    warnings.warn(f"skipped {_describe(i, item)}: {exc}", stacklevel=4)
+    failure = image_failure(exc, _describe(i, item))  # re-raises what stops a run
+    warnings.warn(f"skipped {failure.message}", stacklevel=4)
 
 
 def _sequential(
@@ -154,7 +175,7 @@ def _sequential(
     for i, item in enumerate(items):
         try:
             seg: Segmentation | None = segment(item, device=dev, **kwargs)
-        except _INPUT_ERRORS as exc:
+        except Exception as exc:
             _skip(i, item, exc, on_error)
             seg = None
         out.append(seg)
@@ -190,6 +211,8 @@ def _prepare(i: int, item: Any, config: RefineConfig, kwargs: dict[str, Any]) ->
         guidance = config.default_guidance
     if isinstance(guidance, (np.ndarray, torch.Tensor)):
         g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
+        if g.ndim == 3 and g.shape[-1] == 1:
+            g = g[..., 0]
         if g.shape[:2] != full:
             raise ValueError(
                 f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
@@ -208,6 +231,11 @@ def _finish(
     """The :class:`Segmentation` :func:`dynaguide.segment` would build from ``result``."""
     from dynaguide.native import relabel_sequential
 
+    if not np.all(np.isfinite(result.loss_history)):
+        raise RefinementDivergedError(
+            f"{p.label}: refinement diverged: the loss is NaN or infinite "
+            f"(lr={config.lr:g}); lower lr or check the weights of the losses"
+        )
     full = p.rgb.shape[:2]
     compact, k = relabel_sequential(result.labels.cpu().numpy())
     compact = _resize_labels(compact.astype(np.int32), full)
@@ -244,9 +272,7 @@ def _batched(
 ) -> list[Segmentation | None]:
     from dynaguide.batched import refine_batch
 
-    seed = kwargs.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = kwargs["seed"]
     overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS}
     config = build_config(
         kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
@@ -256,7 +282,7 @@ def _batched(
     for i, item in enumerate(items):
         try:
             p = _prepare(i, item, config, kwargs)
-        except _INPUT_ERRORS as exc:
+        except Exception as exc:
             _skip(i, item, exc, on_error)
             if progress is not None:
                 progress(i, None)
@@ -267,7 +293,11 @@ def _batched(
 
         def done(j: int, result: RefineResult, group: list[_Prepared] = group) -> None:
             p = group[j]
-            seg = _finish(p, result, config, dev, seed)
+            try:
+                seg: Segmentation | None = _finish(p, result, config, dev, seed)
+            except Exception as failure:
+                _skip(p.index, items[p.index], failure, on_error)
+                seg = None
             out[p.index] = seg
             if progress is not None:
                 progress(p.index, seg)
@@ -278,10 +308,13 @@ def _batched(
                 device=dev, seed=seed, batch_size=batch_size, amp=bool(kwargs.get("amp", False)),
                 on_result=done,
             )  # fmt: skip
-        except MemoryError as exc:  # one image of this size does not fit: all of them
+        except Exception as exc:  # e.g. one image of this size does not fit: all of them
             for p in group:
                 if out[p.index] is None:
-                    _skip(p.index, items[p.index], MemoryError(f"{p.label}: {exc}"), on_error)
+                    named = (
+                        MemoryError(f"{p.label}: {exc}") if isinstance(exc, MemoryError) else exc
+                    )
+                    _skip(p.index, items[p.index], named, on_error)
                     if progress is not None:
                         progress(p.index, None)
     return out

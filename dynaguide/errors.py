@@ -24,6 +24,7 @@ evaluation runner share one rule, implemented by :func:`image_failure`:
 from __future__ import annotations
 
 import errno
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,9 @@ __all__ = [
     "OutputSafetyError",
     "RefinementDivergedError",
     "as_int",
+    "as_number",
     "classify",
+    "first_line",
     "image_failure",
     "stops_run",
 ]
@@ -150,6 +153,12 @@ class ImageFailure:
         return {"name": self.name, "kind": self.kind, "error": self.error, "message": self.message}
 
 
+def first_line(exc: BaseException) -> str:
+    """``"<Type>: <first line of the message>"``: a one-line description of ``exc``."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def image_failure(exc: BaseException, name: str) -> ImageFailure:
     """Apply the per-image policy to ``exc`` raised while image ``name`` was processed.
 
@@ -189,4 +198,36 @@ def as_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | 
         lo = "-inf" if minimum is None else str(minimum)
         hi = "inf" if maximum is None else str(maximum)
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {out}")
+    return out
+
+
+def as_number(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+) -> float:
+    """``value`` as a finite float (ints and numpy numbers too, bools not).
+
+    ``positive=True`` excludes ``minimum`` itself (a strict lower bound).
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not a real number (or is a bool).
+    ValueError
+        ``value`` is NaN, infinite or outside the bounds.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    low_ok = minimum is None or (out > minimum if positive else out >= minimum)
+    if not (math.isfinite(out) and low_ok and (maximum is None or out <= maximum)):
+        lo = "-inf" if minimum is None else f"{minimum:g}"
+        hi = "inf" if maximum is None else f"{maximum:g}"
+        raise ValueError(
+            f"{name} must be a finite number in {'(' if positive else '['}{lo}, {hi}], got {value!r}"
+        )
     return out
