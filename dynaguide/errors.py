@@ -29,6 +29,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from dynaguide.backend import BackendUnavailableError
+
 __all__ = [
     "DOCUMENTED_ERRORS",
     "DynaguideError",
@@ -93,6 +95,7 @@ DOCUMENTED_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # FileNotFoundError, PermissionError, OutputSafetyError, ...
     MemoryError,
     DynaguideError,  # GuideError, RefinementDivergedError
+    BackendUnavailableError,  # a forced backend (argument or DYNAGUIDE_BACKEND) cannot run
 )
 
 _OUTPUT_STOPPERS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}

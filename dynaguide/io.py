@@ -172,6 +172,10 @@ def _tensor_to_hwc(t: Any, name: str | None) -> np.ndarray:
     import torch
 
     t = t.detach()
+    if t.device.type == "meta":
+        raise TypeError(
+            f"{_label(name, f'tensor of shape {tuple(t.shape)}')}: a meta tensor holds no data"
+        )
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):

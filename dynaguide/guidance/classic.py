@@ -27,6 +27,8 @@ def _check_rgb(image: np.ndarray, guide: str) -> None:
         raise ValueError(
             f"guide {guide!r} expects an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
         )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"guide {guide!r} got an empty image of shape {image.shape}")
 
 
 @dataclass
