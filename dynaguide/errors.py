@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +181,8 @@ def image_failure(exc: BaseException, name: str) -> ImageFailure:
     kind = classify(exc)
     if kind == "internal":
         reason += " (unexpected error: please report it)"
-    line = reason if name in reason else f"{name}: {reason}"
+    named = re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text) is not None
+    line = reason if named else f"{name}: {reason}"
     return ImageFailure(name=name, kind=kind, error=type(exc).__name__, message=line)
 
 
