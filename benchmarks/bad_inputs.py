@@ -29,6 +29,7 @@ import io
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ISOLATED_LIMIT = 6 * 2**30
+CASE_TIMEOUT = 60  # seconds before an in-process case counts as hung
 
 
 # --------------------------------------------------------------------------- bad files
@@ -70,7 +72,7 @@ def png_bomb(path: Path, side: int, *, truncated: bool) -> Path:
     return path
 
 
-def _onnx_identity(path: Path, meta: dict[str, str], *, int_input: bool = False) -> Path:
+def onnx_identity(path: Path, meta: dict[str, str], *, int_input: bool = False) -> Path:
     """A one-node ONNX model ``pixel_values -> logits`` (Identity) with ``meta``."""
     import onnx
     from onnx import TensorProto, helper
@@ -134,24 +136,24 @@ def build_pool(root: Path, *, bombs: bool = True) -> dict[str, Path]:
     pre = {"size": [64, 64], "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     seg = {"dynaguide.kind": "segformer"}
     put("garbage.onnx", b"\x08\x07garbage-protobuf" * 8)
-    p["big-meta.onnx"] = _onnx_identity(
+    p["big-meta.onnx"] = onnx_identity(
         root / "big-meta.onnx",
         {**seg, "dynaguide.preprocess": json.dumps({**pre, "size": [100000, 100000]})},
     )
-    p["bad-json.onnx"] = _onnx_identity(
+    p["bad-json.onnx"] = onnx_identity(
         root / "bad-json.onnx", {**seg, "dynaguide.preprocess": "{not json"}
     )
-    p["int-input.onnx"] = _onnx_identity(
+    p["int-input.onnx"] = onnx_identity(
         root / "int-input.onnx", {**seg, "dynaguide.preprocess": json.dumps(pre)}, int_input=True
     )
     vit = {"dynaguide.kind": "vit-attention", "dynaguide.preprocess": json.dumps(pre)}
-    p["vit-patch0.onnx"] = _onnx_identity(
+    p["vit-patch0.onnx"] = onnx_identity(
         root / "vit-patch0.onnx", {**vit, "dynaguide.patch_size": "0", "dynaguide.layers": "[1]"}
     )
-    p["vit-layers.onnx"] = _onnx_identity(
+    p["vit-layers.onnx"] = onnx_identity(
         root / "vit-layers.onnx", {**vit, "dynaguide.patch_size": "8", "dynaguide.layers": "{x"}
     )
-    p["vit-output.onnx"] = _onnx_identity(
+    p["vit-output.onnx"] = onnx_identity(
         root / "vit-output.onnx", {**vit, "dynaguide.patch_size": "8", "dynaguide.layers": "[1]"}
     )
 
@@ -721,24 +723,42 @@ def _digest(paths: tuple[Path, ...]) -> dict[str, str | None]:
     return out
 
 
+class _Hung(BaseException):
+    """Raised by SIGALRM in a case that does not return."""
+
+
+def _hung(signum: int, frame: Any) -> None:
+    raise _Hung
+
+
 def classify(case: Case) -> dict[str, Any]:
     """Run ``case`` in this process and say what happened."""
-    from dynaguide.errors import DOCUMENTED_ERRORS
+    try:
+        from dynaguide.errors import DOCUMENTED_ERRORS
+    except ImportError:  # a dynaguide from before dynaguide.errors: its documented types
+        DOCUMENTED_ERRORS = (ValueError, TypeError, KeyError, OSError, MemoryError)
 
     before = _digest(case.user_files)
     t0 = time.perf_counter()
     caught: list[warnings.WarningMessage] = []
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(CASE_TIMEOUT)  # e.g. opening a FIFO blocks forever
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             value = case.call()
         error = None
+    except _Hung:
+        return {"outcome": "raw", "detail": f"still running after {CASE_TIMEOUT} s (hung)"}
     except DOCUMENTED_ERRORS as exc:
         value, error = None, exc
-    except BaseException as exc:
+    except BaseException as exc:  # classified, not hidden
         if isinstance(exc, KeyboardInterrupt):
             raise
         return {"outcome": "raw", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     seconds = time.perf_counter() - t0
     lost = _digest(case.user_files) != before
     if lost:

@@ -107,6 +107,37 @@ def _check_memory(
         )
 
 
+def guide_labels_for(
+    guidance: Any,
+    config: RefineConfig,
+    work: np.ndarray,
+    full: tuple[int, int],
+    *,
+    options: dict[str, Any] | None,
+    label: str,
+) -> tuple[np.ndarray | None, str | None]:
+    """Guide labels at the refinement size of ``work`` for an image of size ``full``.
+
+    ``"default"`` means the preset's guide; a label array or tensor must have the image's
+    (H, W) (a trailing axis of 1 is dropped) and is resized by nearest neighbour; anything
+    else goes to :func:`dynaguide.guidance.compute_guide_labels`.
+    """
+    if isinstance(guidance, str) and guidance == DEFAULT:
+        guidance = config.default_guidance
+    if isinstance(guidance, (np.ndarray, torch.Tensor)):
+        if isinstance(guidance, torch.Tensor):
+            if guidance.device.type == "meta":
+                raise TypeError(f"guidance labels for {label}: a meta tensor holds no data")
+            guidance = guidance.detach().cpu().numpy()
+        g = guidance[..., 0] if guidance.ndim == 3 and guidance.shape[-1] == 1 else guidance
+        if g.shape[:2] != full:
+            raise ValueError(
+                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
+            )
+        guidance = _resize_labels(np.asarray(g), work.shape[:2]) if g.ndim == 2 else g
+    return compute_guide_labels(guidance, work, options=options, name=label)
+
+
 def segment(
     image: Any,
     *,
@@ -179,19 +210,8 @@ def segment(
     _check_memory(size, config, dev, label)
     work = _resize_image(rgb, size)
 
-    if isinstance(guidance, str) and guidance == DEFAULT:
-        guidance = config.default_guidance
-    if isinstance(guidance, (np.ndarray, torch.Tensor)):
-        g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
-        if g.ndim == 3 and g.shape[-1] == 1:
-            g = g[..., 0]
-        if g.shape[:2] != full:
-            raise ValueError(
-                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
-            )
-        guidance = _resize_labels(np.asarray(g), size) if g.ndim == 2 else g
-    guide_labels, guide_name = compute_guide_labels(
-        guidance, work, options=guidance_options, name=label
+    guide_labels, guide_name = guide_labels_for(
+        guidance, config, work, full, options=guidance_options, label=label
     )
 
     if cuda_graph and dev.type != "cuda":

@@ -25,13 +25,13 @@ from dynaguide.api import (
     _resize_image,
     _resize_labels,
     build_config,
+    guide_labels_for,
     refinement_size,
     resolve_device,
     segment,
 )
 from dynaguide.config import RefineConfig
 from dynaguide.errors import RefinementDivergedError, as_int, image_failure
-from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image
 from dynaguide.refine import RefineResult
 from dynaguide.segmentation import Segmentation
@@ -206,21 +206,10 @@ def _prepare(i: int, item: Any, config: RefineConfig, kwargs: dict[str, Any]) ->
     full = rgb.shape[:2]
     size = refinement_size(*full, scale=kwargs.get("scale"), max_pixels=config.max_pixels)
     work = _resize_image(rgb, size)
-    guidance = kwargs.get("guidance", DEFAULT)
-    if isinstance(guidance, str) and guidance == DEFAULT:
-        guidance = config.default_guidance
-    if isinstance(guidance, (np.ndarray, torch.Tensor)):
-        g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
-        if g.ndim == 3 and g.shape[-1] == 1:
-            g = g[..., 0]
-        if g.shape[:2] != full:
-            raise ValueError(
-                f"guidance labels for {label} have shape {g.shape}, expected the image's {full}"
-            )
-        guidance = _resize_labels(np.asarray(g), size) if g.ndim == 2 else g
-    guide_labels, guide_name = compute_guide_labels(
-        guidance, work, options=kwargs.get("guidance_options"), name=label
-    )
+    guide_labels, guide_name = guide_labels_for(
+        kwargs.get("guidance", DEFAULT), config, work, full,
+        options=kwargs.get("guidance_options"), label=label,
+    )  # fmt: skip
     is_path = isinstance(item, (str, os.PathLike))
     return _Prepared(i, rgb, work, guide_labels, guide_name, name, label, is_path)
 

@@ -15,7 +15,10 @@ adds its subparser and sets ``func=<callable(args) -> int>``): ``dynaguide.eval.
 ``dynaguide.export.cli`` and ``dynaguide.bench``. A module that is not installed is
 left out; any other import error in it is raised.
 
-Exit codes: 0 success, 1 some images failed, 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 some images failed, 2 usage error, 130 interrupted. A documented
+error (:data:`dynaguide.errors.DOCUMENTED_ERRORS`) escaping a subcommand is printed as one
+line naming the input, without a traceback. The data-safety rules of ``segment`` are in
+:mod:`dynaguide.output_sets`.
 """
 
 from __future__ import annotations
@@ -113,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment an image or a folder of images",
         description="Segment IN (an image file or a folder of images) and write, per image, "
         "<stem>.labels.png (16-bit labels), <stem>.overlay.png and <stem>.json into OUT. "
-        "Images that cannot be read or segmented are reported and skipped. Exit code 0 if "
-        "every image succeeded, 1 if some failed, 2 on usage errors.",
+        "Images that cannot be read or segmented are reported and skipped. OUT may not be "
+        "IN or inside it; files dynaguide did not write are never overwritten, and the files "
+        "it wrote (OUT/.dynaguide/manifest.jsonl) are never read as inputs. Exit code 0 if "
+        "every image succeeded, 1 if some failed (or OUT filled up), 2 on usage errors.",
     )
     seg.add_argument("input", metavar="IN", type=Path, help="image file or folder of images")
     seg.add_argument("output", metavar="OUT", type=Path, help="output folder (created)")

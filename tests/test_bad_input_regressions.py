@@ -319,21 +319,18 @@ def test_guide_failures_name_the_guide_and_the_image() -> None:
 
 
 def _identity_onnx(path: Path, meta: dict[str, str], *, int_input: bool = False) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
+    """A one-node ONNX model with ``meta`` (benchmarks/bad_inputs.py builds it)."""
+    import importlib.util
+    import sys
 
-    dtype = TensorProto.INT64 if int_input else TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["pixel_values"], ["logits"])],
-        "identity",
-        [helper.make_tensor_value_info("pixel_values", dtype, [1, 3, "h", "w"])],
-        [helper.make_tensor_value_info("logits", dtype, [1, 3, "h", "w"])],
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "bad_inputs", root / "benchmarks" / "bad_inputs.py"
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    helper.set_model_props(model, meta)
-    onnx.save(model, str(path))
-    return path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bad_inputs"] = module
+    spec.loader.exec_module(module)
+    return module.onnx_identity(path, meta, int_input=int_input)
 
 
 def test_corrupt_onnx_files_give_one_clear_error(tmp_path: Path) -> None:

@@ -426,3 +426,15 @@ def test_cli_commands(pool: dict[str, Path], command: str, source: str, out_kind
         assert pool["good.png"].read_bytes() == before  # an input is never written
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--out", "FILE"], ["demo", "--max-iter", "0"], ["demo", "--device", "tpu"],
+     ["demo", "--scale", "nan"], ["bench", "--device", "tpu"], ["bench", "--batch-size", "0"],
+     ["bench", "--sections", "nope", "--tiny"], ["bench", "--limit", "x"]],
+)  # fmt: skip
+def test_cli_demo_and_bench_bad_options(pool: dict[str, Path], argv: list[str]) -> None:
+    argv = [str(pool["good.png"]) if a == "FILE" else a for a in argv]
+    rc, err = _cli(argv)
+    assert rc == 2 and "Traceback" not in err and "error" in err.lower(), (argv, rc, err)

@@ -55,7 +55,7 @@ from dynaguide.guidance.ort import (
     check_onnx_file,
     check_rgb_image,
     export_onnx,
-    quiet_transformers,
+    load_pretrained,
     read_checkpoint_config,
     read_metadata,
     require_transformers,
@@ -608,21 +608,12 @@ def load_vit(checkpoint: str | os.PathLike) -> torch.nn.Module:
     cfg = read_checkpoint_config(checkpoint, what="vit checkpoint", model_types=VIT_MODEL_TYPES)
     transformers = require_transformers()
     extra = {"add_pooling_layer": False} if cfg["model_type"] == "vit" else {}
-    try:
-        with quiet_transformers():
-            model = transformers.AutoModel.from_pretrained(
-                str(checkpoint), local_files_only=True, attn_implementation="eager", **extra
-            )
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"vit checkpoint {str(checkpoint)!r}: cannot load weights: {exc}"
-        ) from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # a corrupt or foreign weights file (safetensors, pickle, ...)
-        raise ModelFileError(
-            f"vit checkpoint {str(checkpoint)!r}: cannot load weights: {first_line(exc)}"
-        ) from None
+    model = load_pretrained(
+        lambda: transformers.AutoModel.from_pretrained(
+            str(checkpoint), local_files_only=True, attn_implementation="eager", **extra
+        ),
+        f"vit checkpoint {str(checkpoint)!r}",
+    )
     return model.eval()
 
 

@@ -109,6 +109,27 @@ def quiet_transformers() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
+def load_pretrained(load: Callable[[], Any], what: str) -> Any:
+    """``load()`` (a transformers ``from_pretrained`` call), quietly, with clear errors.
+
+    Raises
+    ------
+    FileNotFoundError
+        The weights are missing (transformers raises ``OSError``).
+    ModelFileError
+        The weights file is corrupt or foreign (safetensors, refused pickle, ...).
+    """
+    try:
+        with quiet_transformers():
+            return load()
+    except OSError as exc:
+        raise FileNotFoundError(f"{what}: cannot load weights: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # a corrupt or foreign weights file
+        raise ModelFileError(f"{what}: cannot load weights: {first_line(exc)}") from None
+
+
 def read_checkpoint_config(
     folder: str | os.PathLike, *, what: str, model_types: Sequence[str]
 ) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.errors import ModelFileError, first_line
+from dynaguide.errors import ModelFileError
 from dynaguide.guidance.base import available_guides, register_guide
 from dynaguide.guidance.ort import (
     IMAGENET_MEAN,
@@ -40,7 +40,7 @@ from dynaguide.guidance.ort import (
     check_onnx_file,
     check_rgb_image,
     export_onnx,
-    quiet_transformers,
+    load_pretrained,
     read_checkpoint_config,
     read_metadata,
     require_transformers,
@@ -88,21 +88,12 @@ def load_segformer(checkpoint: str | os.PathLike) -> torch.nn.Module:
     """
     read_checkpoint_config(checkpoint, what="segformer checkpoint", model_types=("segformer",))
     transformers = require_transformers()
-    try:
-        with quiet_transformers():
-            model = transformers.SegformerForSemanticSegmentation.from_pretrained(
-                str(checkpoint), local_files_only=True
-            )
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"segformer checkpoint {str(checkpoint)!r}: cannot load weights: {exc}"
-        ) from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # a corrupt or foreign weights file (safetensors, pickle, ...)
-        raise ModelFileError(
-            f"segformer checkpoint {str(checkpoint)!r}: cannot load weights: {first_line(exc)}"
-        ) from None
+    model = load_pretrained(
+        lambda: transformers.SegformerForSemanticSegmentation.from_pretrained(
+            str(checkpoint), local_files_only=True
+        ),
+        f"segformer checkpoint {str(checkpoint)!r}",
+    )
     return model.eval()
 
 
