@@ -61,7 +61,9 @@ def _choose(op: str, device_type: str, backend: str | None, *, cuda_kernel: bool
         raise TypeError(f"backend must be None or a backend name, got {backend!r}")
     explicit = backend.lower() if backend else None
     if explicit is not None and explicit not in _backend.BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {_backend.BACKENDS}")
+        raise _backend.BackendUnavailableError(
+            f"backend {backend!r} is not one of {_backend.BACKENDS}"
+        )
     if explicit == "triton":
         raise _backend.BackendUnavailableError(f"{op} has no Triton implementation")
     choice = explicit or _backend.forced()

@@ -277,7 +277,9 @@ def test_connected_components_connectivity_types() -> None:
         with pytest.raises(ValueError, match="connectivity"):
             dynaguide.connected_components(lab, bad)
     assert dynaguide.connected_components(lab, np.int64(4)).shape == (3, 3)
-    with pytest.raises(ValueError, match="backend"):
+    from dynaguide.backend import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="backend"):  # documented
         dynaguide.relabel_sequential(lab, backend="cuda")
     with pytest.raises(TypeError, match="backend"):
         dynaguide.relabel_sequential(lab, backend=3)
