@@ -430,6 +430,19 @@ def api_cases(pool: dict[str, Path]) -> list[Case]:
                           ("empty", np.zeros((0, 0, 3), np.uint8))):  # fmt: skip
             cases.append(Case(f"{cls.__name__}()({label})", "guides",
                               lambda c=cls, im=im: c()(im), ("guide",)))  # fmt: skip
+    cfg = dg.get_preset("dfc").replace(max_iter=1)
+    for label, call, tokens in (
+        ("register_guide(3, f)", lambda: dg.register_guide(3, KMeansGuide), ("guide name",)),
+        ("register_guide('x', 3)", lambda: dg.register_guide("probe-x", 3), ("factory",)),
+        ("get_guide(3)", lambda: dg.get_guide(3), ("guide",)),
+        ("refine_batch(config='dfc')", lambda: dg.refine_batch([_img()], "dfc"), ("config",)),
+        ("refine_batch(seed=2**70)", lambda: dg.refine_batch([_img()], cfg, seed=2**70), ("seed",)),
+        ("refine_batch(seed=['a'])", lambda: dg.refine_batch([_img()], cfg, seed=["a"]), ("seed",)),
+        ("refine_batch(None)", lambda: dg.refine_batch(None, cfg), ("images",)),
+        ("refine_batch(gray image)",
+         lambda: dg.refine_batch([np.zeros((4, 4), np.uint8)], cfg), ("images[0]",)),
+    ):  # fmt: skip
+        cases.append(Case(label, "registry and refine_batch", call, tokens))
     cases += _learned_guide_cases(pool)
     cases += _metric_cases()
     cases += _native_cases()

@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "encode_label_png",
     "encode_rgb_png",
+    "is_temporary_name",
+    "json_bytes",
     "read_label_png",
     "remove_stale_temporaries",
     "save_json",

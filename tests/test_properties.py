@@ -206,6 +206,36 @@ def test_segment_batch(items: Any, on_error: Any, batch_size: Any, guidance: Any
         assert on_error == "skip" or all(s is not None for s in out)
 
 
+@settings(FAST, max_examples=20)
+@given(
+    st.one_of(st.lists(st.one_of(valid_images, image_arrays, scalars), max_size=2), images),
+    st.sampled_from([dynaguide.get_preset("dfc").replace(max_iter=1), "dfc", None]),
+    st.one_of(st.none(), st.lists(st.one_of(st.none(), arrays), max_size=2)),
+    st.one_of(st.just(0), small, st.lists(small, max_size=2)),
+    st.one_of(st.sampled_from([1, "auto"]), small),
+)
+def test_refine_batch(items: Any, config: Any, guides: Any, seed: Any, batch_size: Any) -> None:
+    names = ("images", "config", "guide_labels", "seed", "batch_size")
+    out = check(dynaguide.refine_batch, items, config, guide_labels=guides, seed=seed,
+                batch_size=batch_size, names=names)  # fmt: skip
+    if isinstance(out, list):
+        assert len(out) == len(items)
+
+
+@FAST
+@given(st.one_of(scalars, st.text(min_size=1, max_size=5)), st.one_of(scalars, st.just(dict)))
+def test_guide_registry(name: Any, factory: Any) -> None:
+    from dynaguide.guidance.base import _REGISTRY
+
+    saved = dict(_REGISTRY)
+    try:
+        check(dynaguide.register_guide, name, factory, names=("guide", "name", "factory"))
+        check(dynaguide.get_guide, name, names=("guide",))
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+
+
 FIELDS = [f for f in dynaguide.RefineConfig.__dataclass_fields__ if f != "extra"]
 
 
