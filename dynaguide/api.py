@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dynaguide.config import DEFAULT_PRESET, RefineConfig, get_preset
+from dynaguide.errors import RefinementDivergedError, as_int
 from dynaguide.pipeline import DEFAULT, deadline_of, finish, prepare
 from dynaguide.refine import ProgressCallback, refine
 from dynaguide.segmentation import Segmentation
@@ -111,8 +112,7 @@ def segment(
     """
     config = build_config(preset, max_iter=max_iter, **overrides)
     dev = resolve_device(device)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = as_int(seed, "seed", minimum=0, maximum=2**32 - 1)
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
     prepared = prepare(
@@ -124,15 +124,18 @@ def segment(
         name=name,
         device=dev,
     )
-    result = refine(
-        prepared.work,
-        config,
-        guide_labels=prepared.guide_labels,
-        device=dev,
-        seed=seed,
-        callback=callback,
-        amp=amp,
-        cuda_graph=cuda_graph,
-        deadline=deadline_of(prepared, config),
-    )
+    try:
+        result = refine(
+            prepared.work,
+            config,
+            guide_labels=prepared.guide_labels,
+            device=dev,
+            seed=seed,
+            callback=callback,
+            amp=amp,
+            cuda_graph=cuda_graph,
+            deadline=deadline_of(prepared, config),
+        )
+    except RefinementDivergedError as exc:
+        raise RefinementDivergedError(f"{prepared.label}: {exc}") from None
     return finish(prepared, result, config, device=dev, seed=seed)

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from dynaguide.api import DEFAULT_PRESET, build_config, resolve_device, segment
+from dynaguide.errors import as_int, image_failure
 from dynaguide.pipeline import DEFAULT, Prepared, finish, prepare
 from dynaguide.refine import RefineResult
 from dynaguide.segmentation import Segmentation
 
 ProgressHook = Callable[[int, "Segmentation | None"], None]
-_INPUT_ERRORS = (ValueError, TypeError, OSError, MemoryError)
+#: ``images`` values that are one image (or a folder), not a collection of images.
+_NOT_A_COLLECTION = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Mapping)
 
 
 def _describe(i: int, item: Any) -> str:
@@ -50,11 +53,16 @@ def segment_batch(
     Parameters
     ----------
     images : iterable of image inputs
-        Paths, PIL images, arrays or tensors (see :func:`dynaguide.io.load_image`).
+        A list (or any iterable) of paths, PIL images, arrays or tensors (see
+        :func:`dynaguide.io.load_image`). A single path, array, tensor or PIL image is
+        refused with a ``TypeError`` (pass ``[x]``; for a stack of images ``list(stack)``):
+        iterating it would read characters or rows as images.
     on_error : {"raise", "skip"}
-        ``"skip"``: an input that fails (unreadable, invalid, too large for the device) is
-        reported with a warning naming it, its slot in the result is ``None``, and the rest
-        go on.
+        ``"skip"``: the per-image policy of :mod:`dynaguide.errors`: any exception raised
+        while one input is processed (unreadable, invalid, too large for the device, a
+        failing guide, a diverged refinement, ...) is reported with a warning naming the
+        input, its slot in the result is ``None``, and the rest go on; finished images are
+        never lost. ``"raise"``: the first failure propagates.
     progress : callable(index, result), optional
         Called once per input as it is done (``result`` is None for a skipped input).
         Batched runs finish images out of order.
@@ -78,8 +86,9 @@ def segment_batch(
     Raises
     ------
     ValueError, TypeError
-        Bad settings (``on_error``, ``batch_size``, the preset or its overrides, the
-        device), whatever ``on_error`` says; bad inputs with ``on_error="raise"``.
+        Bad settings (``images`` not a collection, ``on_error``, ``batch_size``, the preset
+        or its overrides, the device, the seed), whatever ``on_error`` says, before any
+        image is touched; bad inputs with ``on_error="raise"``.
     MemoryError
         With ``on_error="raise"``, when one image alone does not fit the device.
 
@@ -93,13 +102,24 @@ def segment_batch(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    from PIL import Image
+
+    if isinstance(images, (*_NOT_A_COLLECTION, Image.Image)) or not isinstance(images, Iterable):
+        raise TypeError(
+            f"images must be a list (or iterable) of images, got a single "
+            f"{type(images).__name__}; pass [image] for one image, list(stack) for a stack"
+        )
     dev = resolve_device(device)
     if batch_size is None:
         batch_size = _default_batch_size(dev)
-    if batch_size != "auto" and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}")
+    if batch_size != "auto":
+        try:
+            batch_size = as_int(batch_size, "batch_size", minimum=1)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}"
+            ) from None
+    kwargs["seed"] = as_int(kwargs.get("seed", 0), "seed", minimum=0, maximum=2**32 - 1)
     # settings errors are not input errors: raise them before any image is touched
     config = build_config(
         kwargs.get("preset", DEFAULT_PRESET),
@@ -125,9 +145,11 @@ _SEGMENT_ARGS = frozenset(
 
 
 def _skip(i: int, item: Any, exc: BaseException, on_error: str) -> None:
+    """The per-image policy (:mod:`dynaguide.errors`): re-raise or warn and go on."""
     if on_error == "raise":
         raise exc
-    warnings.warn(f"skipped {_describe(i, item)}: {exc}", stacklevel=4)
+    failure = image_failure(exc, _describe(i, item))  # re-raises what stops a run
+    warnings.warn(f"skipped {failure.message}", stacklevel=4)
 
 
 def _sequential(
@@ -141,7 +163,7 @@ def _sequential(
     for i, item in enumerate(items):
         try:
             seg: Segmentation | None = segment(item, device=dev, **kwargs)
-        except _INPUT_ERRORS as exc:
+        except Exception as exc:
             _skip(i, item, exc, on_error)
             seg = None
         out.append(seg)
@@ -160,9 +182,7 @@ def _batched(
 ) -> list[Segmentation | None]:
     from dynaguide.batched import refine_batch
 
-    seed = kwargs.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = kwargs["seed"]
     overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS}
     config = build_config(
         kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
@@ -182,7 +202,7 @@ def _batched(
                 label=name or (str(item) if isinstance(item, (str, os.PathLike)) else f"input {i}"),
                 device=dev,
             )
-        except _INPUT_ERRORS as exc:
+        except Exception as exc:
             _skip(i, item, exc, on_error)
             if progress is not None:
                 progress(i, None)
@@ -193,7 +213,13 @@ def _batched(
 
         def done(j: int, result: RefineResult, group: list[tuple[int, Prepared]] = group) -> None:
             index, p = group[j]
-            seg = finish(p, result, config, device=dev, seed=seed, batched=True)
+            try:
+                seg: Segmentation | None = finish(
+                    p, result, config, device=dev, seed=seed, batched=True
+                )
+            except Exception as failure:
+                _skip(index, items[index], failure, on_error)
+                seg = None
             out[index] = seg
             if progress is not None:
                 progress(index, seg)
@@ -205,10 +231,13 @@ def _batched(
                 device=dev, seed=seed, batch_size=batch_size, amp=bool(kwargs.get("amp", False)),
                 on_result=done,
             )  # fmt: skip
-        except MemoryError as exc:  # one image of this size does not fit: all of them
+        except Exception as exc:  # e.g. one image of this size does not fit: all of them
             for index, p in group:
                 if out[index] is None:
-                    _skip(index, items[index], MemoryError(f"{p.label}: {exc}"), on_error)
+                    named = (
+                        MemoryError(f"{p.label}: {exc}") if isinstance(exc, MemoryError) else exc
+                    )
+                    _skip(index, items[index], named, on_error)
                     if progress is not None:
                         progress(index, None)
     return out

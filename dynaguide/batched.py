@@ -734,6 +734,10 @@ def _check_inputs(
 ) -> tuple[list[np.ndarray | None], list[int]]:
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise TypeError("images must be a sequence of (H, W, 3) arrays, got a single array")
+    if not isinstance(images, (Sequence, np.ndarray)) or isinstance(images, (str, bytes)):
+        raise TypeError(
+            f"images must be a sequence of (H, W, 3) arrays, got {type(images).__name__}"
+        )
     for i, img in enumerate(images):
         if (
             not isinstance(img, np.ndarray)
@@ -758,7 +762,12 @@ def _check_inputs(
             raise ValueError(f"guide_labels[{i}] has shape {np.shape(g)}, expected {img.shape[:2]}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, Sequence)):
         raise TypeError(f"seed must be an int or a sequence of ints, got {seed!r}")
-    seeds = [int(seed)] * n if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    try:
+        seeds = [int(seed)] * n if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"seed must be an int or a sequence of ints, got {seed!r}") from None
+    if any(not 0 <= s < 2**32 for s in seeds):
+        raise ValueError(f"seed must be an int in [0, 2**32) (or a sequence of them), got {seed!r}")
     if len(seeds) != n:
         raise ValueError(f"seed has {len(seeds)} entries for {n} images")
     if batch_size != "auto" and (
@@ -841,6 +850,8 @@ def refine_batch(
         ``batch_size`` larger than what fits is taken as given).
     """
     dev = torch.device(device)
+    if not isinstance(config, RefineConfig):
+        raise TypeError(f"config must be a RefineConfig, got {type(config).__name__}")
     guides, seeds = _check_inputs(images, guide_labels, seed, batch_size)
     channels_last = _check_method(method, channels_last)
     buckets: dict[tuple[int, int], list[int]] = {}

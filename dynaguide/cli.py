@@ -15,7 +15,10 @@ adds its subparser and sets ``func=<callable(args) -> int>``): ``dynaguide.eval.
 ``dynaguide.export.cli`` and ``dynaguide.bench``. A module that is not installed is
 left out; any other import error in it is raised.
 
-Exit codes: 0 success, 1 some images failed, 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 some images failed, 2 usage error, 130 interrupted. A documented
+error (:data:`dynaguide.errors.DOCUMENTED_ERRORS`) escaping a subcommand is printed as one
+line naming the input, without a traceback. The data-safety rules of ``segment`` are in
+:mod:`dynaguide.output_sets`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import os
 import platform
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment an image or a folder of images",
         description="Segment IN (an image file or a folder of images) and write, per image, "
         "<stem>.labels.png (16-bit labels), <stem>.overlay.png and <stem>.json into OUT. "
-        "Images that cannot be read or segmented are reported and skipped. Exit code 0 if "
-        "every image succeeded, 1 if some failed, 2 on usage errors.",
+        "Images that cannot be read or segmented are reported and skipped. OUT may not be "
+        "IN or inside it; files dynaguide did not write are never overwritten, and the files "
+        "it wrote (OUT/.dynaguide/manifest.jsonl) are never read as inputs. Exit code 0 if "
+        "every image succeeded, 1 if some failed (or OUT filled up), 2 on usage errors.",
     )
     seg.add_argument("input", metavar="IN", type=Path, help="image file or folder of images")
     seg.add_argument("output", metavar="OUT", type=Path, help="output folder (created)")
@@ -147,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--resume",
         action="store_true",
-        help="skip images whose three outputs already exist (the JSON is written last)",
+        help="keep the output sets of an earlier run that are complete and were made with the "
+        "same settings and version (each is verified); redo the others",
     )
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = seg.add_argument_group("Ray cluster (pip install 'dynaguide[ray]')")
@@ -216,10 +221,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from dynaguide.errors import DOCUMENTED_ERRORS
+
     try:
         return int(args.func(args))
     except SystemExit as exc:  # a subcommand's parser.error()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DOCUMENTED_ERRORS as exc:  # one line, no traceback: the message names the input
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dynaguide {args.command}: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # --------------------------------------------------------------------------- segment
@@ -256,27 +270,15 @@ def _resolve_guidance(parser: argparse.ArgumentParser, text: str) -> str | None:
     return key
 
 
-def _plan(
-    parser: argparse.ArgumentParser, source: Path, out: Path, recursive: bool
-) -> list[tuple[Path, Path, str]]:
-    """(image path, output folder, stem) for every input; stems never collide."""
-    from dynaguide.io import IMAGE_EXTENSIONS, list_images
-
+def _check_paths(parser: argparse.ArgumentParser, source: Path, out: Path) -> None:
     if out.exists() and not out.is_dir():
         parser.error(f"OUT {str(out)!r} exists and is not a folder")
-    if not source.exists():
+    if not os.path.lexists(source):
         parser.error(f"IN {str(source)!r} does not exist")
-    if source.is_file():
-        stem = source.stem if source.suffix.lower() in IMAGE_EXTENSIONS else source.name
-        return [(source, out, stem or source.name)]
     try:
-        paths = list_images(source, recursive=recursive)
-    except (OSError, ValueError) as exc:
-        parser.error(str(exc))
-    plan = [(p, out / p.relative_to(source).parent, p.stem) for p in paths]
-    counts = Counter((folder, stem) for _, folder, stem in plan)
-    # x.jpg and x.png in one folder: keep the extension in the stem of both
-    return [(p, folder, p.name if counts[folder, stem] > 1 else stem) for p, folder, stem in plan]
+        source.stat()
+    except OSError as exc:  # a broken link, a link loop, no permission
+        parser.error(f"IN {str(source)!r} cannot be opened: {exc.strerror or exc}")
 
 
 def _segment_kwargs(args: argparse.Namespace, guidance: Any) -> dict[str, Any]:
@@ -293,10 +295,17 @@ def _segment_kwargs(args: argparse.Namespace, guidance: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _run_settings(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides an image's results (its fingerprint goes into each JSON)."""
+    from dynaguide.api import build_config
+
+    config = build_config(args.preset, max_iter=args.max_iter)
+    return {"segment": kwargs, "config": config.to_dict()}
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
-    import dynaguide
-    from dynaguide.io import load_image
-    from dynaguide.segmentation import Segmentation
+    from dynaguide.output_sets import plan_outputs, prepare_output_folders, settings_fingerprint
+    from dynaguide.segment_run import SegmentRun
 
     parser = args._parser
     if args.ray:
@@ -305,47 +314,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return run_segment(args)
     _check_device(parser, args.device)
     guidance = _resolve_guidance(parser, args.guidance)
-    plan = _plan(parser, args.input, args.output, args.recursive)
+    _check_paths(parser, args.input, args.output)
     kwargs = _segment_kwargs(args, guidance)
-
-    from tqdm import tqdm
-
-    done, skipped = 0, 0
-    failed: list[tuple[Path, str]] = []
-    bar = tqdm(plan, file=sys.stderr, disable=args.quiet, unit="img", dynamic_ncols=True)
     try:
-        for path, folder, stem in bar:
-            outputs = Segmentation.output_paths(folder, stem)
-            if args.resume and all(p.is_file() for p in outputs.values()):
-                skipped += 1
-                continue
-            try:
-                rgb = load_image(path)
-                seg = dynaguide.segment(rgb, name=str(path), **kwargs)
-                seg.save(folder, stem)
-            except Exception as exc:  # one bad image must not stop the batch
-                reason = f"{type(exc).__name__}: {exc}"
-                line = reason if str(path) in reason else f"{path}: {reason}"
-                failed.append((path, line))
-                tqdm.write(f"error: {line}", file=sys.stderr)
-                continue
-            done += 1
-            bar.set_postfix_str(f"{path.name} K={seg.n_labels} iter={seg.n_iter}", refresh=False)
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"interrupted: {_summary(done, skipped, failed)}; rerun with --resume to continue")
-        return EXIT_INTERRUPTED
-    bar.close()
-    print(_summary(done, skipped, failed) + f"; outputs in {args.output}")
-    if failed:
-        print("failed:", file=sys.stderr)
-        for _, line in failed:
-            print(f"  {line}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def _summary(done: int, skipped: int, failed: list[tuple[Path, str]]) -> str:
-    return f"{done} segmented, {skipped} skipped (resume), {len(failed)} failed"
+        plan = plan_outputs(args.input, args.output, recursive=args.recursive)
+        settings = _run_settings(args, kwargs)
+        locks = prepare_output_folders(plan)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        parser.error(str(exc).strip("'\""))
+    run = SegmentRun(settings_fingerprint(settings), settings, kwargs, locks)
+    try:
+        return run.all(plan, resume=args.resume, quiet=args.quiet, out=args.output)
+    finally:
+        for lock in locks.values():
+            lock.close()
 
 
 # --------------------------------------------------------------------------- demo
@@ -361,7 +343,15 @@ def bundled_demo_images() -> dict[str, Path]:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import dynaguide
+    from dynaguide.errors import image_failure
     from dynaguide.io import load_image
+    from dynaguide.output_sets import (
+        PlannedImage,
+        prepare_output_folders,
+        settings_fingerprint,
+        write_output_set,
+    )
+    from dynaguide.segmentation import _version
 
     _check_device(args._parser, args.device)
     images = bundled_demo_images()
@@ -373,19 +363,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     out: Path = args.out
+    plan = [PlannedImage(path, out, name) for name, path in images.items()]
+    try:
+        locks = prepare_output_folders(plan)
+    except OSError as exc:
+        args._parser.error(str(exc))
+    for lock in locks.values():
+        lock.close()
+    kwargs = {"device": args.device, "max_iter": args.max_iter, "scale": args.scale}
+    settings = {"demo": kwargs}
     failures = 0
     start = time.perf_counter()
     print(f"dynaguide demo: {len(images)} images, max_iter={args.max_iter}, scale={args.scale}")
-    for name, path in images.items():
+    for item in plan:
+        name = item.stem
         try:
-            rgb = load_image(path, name=name)
-            seg = dynaguide.segment(
-                rgb, device=args.device, max_iter=args.max_iter, scale=args.scale, name=name
-            )
-            seg.save(out, name)
-        except Exception as exc:
+            rgb = load_image(item.source, name=name)
+            seg = dynaguide.segment(rgb, name=name, **kwargs)
+            write_output_set(
+                seg, item, fingerprint=settings_fingerprint(settings), settings=settings,
+                version=_version(),
+            )  # fmt: skip
+        except Exception as exc:  # the per-image policy: dynaguide.errors
             failures += 1
-            print(f"error: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"error: {image_failure(exc, name).message}", file=sys.stderr)
             continue
         h, w = rgb.shape[:2]
         print(

@@ -14,8 +14,12 @@ stopping rule except the code's own, no silhouette phase).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 WeightMode = Literal["constant", "fsf", "scf", "dynaguide"]
 SkipMode = Literal["none", "separate", "shared"]
@@ -144,66 +148,100 @@ class RefineConfig:
     merge_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        """Validate every field with a message naming it."""
-        _positive_int("n_channels", self.n_channels, minimum=2)
-        _positive_int("n_conv", self.n_conv, minimum=1)
-        _positive_int("max_iter", self.max_iter, minimum=0)
-        _positive_int("check_every", self.check_every, minimum=1)
-        _positive_int("convergence_window", self.convergence_window, minimum=1)
-        _positive_int("silhouette_samples", self.silhouette_samples, minimum=10)
-        if not isinstance(self.min_labels, int) or self.min_labels < 0:
-            raise ValueError(f"min_labels must be an int >= 0, got {self.min_labels!r}")
+        """Validate every field with a message naming it (numpy scalars become Python ones)."""
+        for name, lo, hi in (
+            ("n_channels", 2, 2048),
+            ("n_conv", 1, 32),
+            ("max_iter", 0, 10_000_000),
+            ("check_every", 1, 1_000_000),
+            ("convergence_window", 1, 1_000_000),
+            ("silhouette_samples", 10, 100_000),
+            ("min_labels", 0, 1_000_000),
+        ):
+            _positive_int(name, getattr(self, name), minimum=lo, maximum=hi)
+            object.__setattr__(self, name, int(getattr(self, name)))
         _choice("skip", self.skip, ("none", "separate", "shared"))
         _choice("penalty", self.penalty, ("l1", "huber"))
+        if isinstance(self.neighbors, bool):
+            raise ValueError(f"neighbors must be 4 or 8, got {self.neighbors!r}")
         _choice("neighbors", self.neighbors, (4, 8))
+        object.__setattr__(self, "neighbors", int(self.neighbors))
         _choice("weight_mode", self.weight_mode, ("constant", "fsf", "scf", "dynaguide"))
         _choice("alignment", self.alignment, ("overlap", "reference"))
         _choice("final_pass", self.final_pass, ("last", "train", "eval"))
         _choice("silhouette", self.silhouette, ("off", "ssp", "reference"))
         _choice("silhouette_features", self.silhouette_features, ("lab", "rgb", "response"))
         _choice("input_order", self.input_order, ("bgr", "rgb"))
-        for name in ("lr", "delta", "beta", "scf_mu"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name in (
-            "momentum",
-            "weight_decay",
-            "similarity_weight",
-            "mu",
-            "guidance_weight",
-            "convergence_tol",
+        for name, lo, hi, open_lo, open_hi in (
+            ("lr", 0.0, 1e6, True, False),
+            ("delta", 0.0, 1e6, True, False),
+            ("beta", 0.0, 1e9, True, False),
+            ("scf_mu", 0.0, 1e9, True, False),
+            ("momentum", 0.0, 1.0, False, True),
+            ("weight_decay", 0.0, 1e6, False, False),
+            ("similarity_weight", 0.0, 1e9, False, False),
+            ("mu", 0.0, 1e9, False, False),
+            ("guidance_weight", 0.0, 1e9, False, False),
+            ("convergence_tol", 0.0, 1.0, False, False),
         ):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        lo, hi = self.silhouette_k
-        if not (2 <= lo <= hi):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            ok = ok and math.isfinite(value) and (value > lo if open_lo else value >= lo)
+            if not (ok and (value < hi if open_hi else value <= hi)):
+                interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+                raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        k = self.silhouette_k
+        if (
+            not isinstance(k, (tuple, list))
+            or len(k) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in k)
+            or not (2 <= k[0] <= k[1] <= min(256, self.silhouette_samples - 1))
+        ):
             raise ValueError(
-                f"silhouette_k must be (lo, hi) with 2 <= lo <= hi, got {self.silhouette_k!r}"
+                "silhouette_k must be (lo, hi) ints with 2 <= lo <= hi <= "
+                f"min(256, silhouette_samples - 1), got {k!r}"
             )
-        for name in ("max_pixels", "work_pixels"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 4
-            ):
-                raise ValueError(f"{name} must be None or an int >= 4, got {value!r}")
+        object.__setattr__(self, "silhouette_k", (int(k[0]), int(k[1])))
+        if not isinstance(self.silhouette_stop, (bool, np.bool_)):
+            raise ValueError(f"silhouette_stop must be a bool, got {self.silhouette_stop!r}")
+        if self.max_pixels is not None:
+            _positive_int("max_pixels", self.max_pixels, minimum=4, maximum=2**40)
+            object.__setattr__(self, "max_pixels", int(self.max_pixels))
+        if self.default_guidance is not None and not isinstance(self.default_guidance, str):
+            raise ValueError(
+                f"default_guidance must be None or a guide name, got {self.default_guidance!r}"
+            )
+        if self.work_pixels is not None:
+            _positive_int("work_pixels", self.work_pixels, minimum=4, maximum=2**40)
+            object.__setattr__(self, "work_pixels", int(self.work_pixels))
         _choice("upsample", self.upsample, ("nearest", "bilinear"))
         _choice("input_features", self.input_features, ("rgb", "rgb+xy", "rgb+lab", "rgb+lab+xy"))
+        if isinstance(self.connectivity, (bool, np.bool_)):
+            raise ValueError(f"connectivity must be 0, 4 or 8, got {self.connectivity!r}")
         _choice("connectivity", self.connectivity, (0, 4, 8))
+        object.__setattr__(self, "connectivity", int(self.connectivity))
         _choice("merge", self.merge, (None, "colour", "boundary"))
-        _positive_int("guidance_anneal", self.guidance_anneal, minimum=0)
-        _positive_int("guide_margin", self.guide_margin, minimum=0)
+        _positive_int("guidance_anneal", self.guidance_anneal, minimum=0, maximum=10_000_000)
+        _positive_int("guide_margin", self.guide_margin, minimum=0, maximum=10_000)
+        for name in ("guidance_anneal", "guide_margin"):
+            object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("min_area", "merge_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if self.time_budget is not None and (
-            isinstance(self.time_budget, bool)
-            or not isinstance(self.time_budget, (int, float))
-            or not self.time_budget > 0
+            if isinstance(value, (bool, np.bool_)) or not (
+                isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        budget = self.time_budget
+        if budget is not None and (
+            isinstance(budget, (bool, np.bool_))
+            or not isinstance(budget, numbers.Real)
+            or not (math.isfinite(budget) and budget > 0)
         ):
-            raise ValueError(f"time_budget must be None or seconds > 0, got {self.time_budget!r}")
+            raise ValueError(f"time_budget must be None or finite seconds > 0, got {budget!r}")
+        if budget is not None:
+            object.__setattr__(self, "time_budget", float(budget))
         if self.connectivity == 0 and (self.min_area > 0 or self.merge is not None):
             raise ValueError(
                 "min_area and merge work on connected regions: set connectivity to 4 or 8"
@@ -241,9 +279,11 @@ class RefineConfig:
         return cls(**d)
 
 
-def _positive_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _positive_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        top = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{name} must be an int >= {minimum}{top}, got {value!r}")
 
 
 def _choice(name: str, value: Any, options: tuple[Any, ...]) -> None:

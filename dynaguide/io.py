@@ -1,25 +1,24 @@
-"""Reading images and writing results.
+"""Reading images (the writers live in :mod:`dynaguide.writing` and are re-exported here).
 
 Every image a user can pass goes through :func:`load_image`, which returns one canonical
 form (RGB ``uint8``, shape (H, W, 3), C-contiguous) or raises an error that names the
-input. Results are written with :func:`write_atomic` (temporary file in the target
-folder, ``fsync``, ``os.replace``), so an interrupted run never leaves a half-written
-file under a final name.
+input. Image files are checked against a pixel budget (:data:`MAX_DECODE_PIXELS`) from
+their header, before any pixel is decoded. Results are written with :func:`write_atomic`
+(temporary file in the target folder, ``fsync``, ``os.replace``), so an interrupted run
+never leaves a half-written file under a final name.
 
 Error messages are built only when a check fails: the checks on the normal path
-format nothing.
+format nothing. (Over 400 lines because every way an image comes in -- arrays, tensors,
+PIL images, files and folders -- is checked here, in one place.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import errno
 import io
-import json
-import math
 import os
+import stat
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,27 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dynaguide.errors import ImageReadError, ImageTooLargeError
+from dynaguide.writing import (  # re-exported: the writers' historical home
+    _umask,  # noqa: F401
+    read_label_png,
+    save_json,
+    save_label_png,
+    save_rgb_png,
+    to_jsonable,
+    write_atomic,
+)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_DECODE_PIXELS",
     "ImageReadError",
+    "ImageTooLargeError",
+    "decode_budget",
     "list_images",
     "load_image",
     "read_label_png",
+    "reduce_for_resize",
     "save_json",
     "save_label_png",
     "save_rgb_png",
@@ -43,13 +57,15 @@ __all__ = [
 #: File extensions (lower case, with the dot) that :func:`list_images` picks up.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+#: Pixel budget of an image file (width x height, read from its header before decoding):
+#: larger files raise :class:`ImageTooLargeError`. 64 megapixels hold any camera photo up
+#: to 64 MP; the whole pipeline needs about 40 bytes per pixel at full size. The environment
+#: variable ``DYNAGUIDE_MAX_DECODE_PIXELS`` (an integer, or ``none``) overrides it.
+MAX_DECODE_PIXELS: int | None = 64_000_000
+_BUDGET_ENV = "DYNAGUIDE_MAX_DECODE_PIXELS"
+
 _MIN_SIDE = 2
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-
-class ImageReadError(ValueError):
-    """An image file exists but cannot be decoded (corrupt, truncated, not an image,
-    or refused by PIL as a possible decompression bomb). The message names the file."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -92,9 +108,12 @@ def load_image(source: Any, *, name: str | None = None) -> np.ndarray:
         Bad shape, an image smaller than 2x2 (a one-pixel image cannot train the
         network's BatchNorm), NaN or infinite values, floats outside [0, 1].
     ImageReadError
-        (a ``ValueError``) a file that cannot be decoded.
+        (a ``ValueError``) a file that cannot be decoded, a symbolic link loop.
+    ImageTooLargeError
+        (a ``ValueError``) a file (or lazily opened PIL image) with more pixels than
+        :func:`decode_budget`, refused from its header before any pixel is decoded.
     FileNotFoundError
-        A path that does not exist.
+        A path that does not exist (or a broken symbolic link).
 
     Notes
     -----
@@ -124,6 +143,8 @@ def load_image(source: Any, *, name: str | None = None) -> np.ndarray:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _load_bytes(bytes(source), name)
     if isinstance(source, Image.Image):
+        if getattr(source, "fp", None) is not None:  # lazily opened: not decoded yet
+            _check_budget(source, _pil_label(source, name, None))
         try:
             source.load()  # a lazily opened image decodes here
         except (OSError, SyntaxError, ValueError) as exc:
@@ -157,6 +178,10 @@ def _tensor_to_hwc(t: Any, name: str | None) -> np.ndarray:
     import torch
 
     t = t.detach()
+    if t.device.type == "meta":
+        raise TypeError(
+            f"{_label(name, f'tensor of shape {tuple(t.shape)}')}: a meta tensor holds no data"
+        )
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
@@ -173,6 +198,8 @@ def _tensor_to_hwc(t: Any, name: str | None) -> np.ndarray:
 
 def _from_array(arr: np.ndarray, name: str | None, kind: str) -> np.ndarray:
     """Validate and convert a channels-last array to RGB uint8 (always a new array)."""
+    if not arr.dtype.isnative:  # big-endian data from a file or another machine
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     ndim = arr.ndim
     if ndim == 3:
         channels = arr.shape[2]
@@ -248,12 +275,67 @@ def _float_range_message(arr: np.ndarray, lo: Any, hi: Any, label: str) -> str:
     )
 
 
+def decode_budget() -> int | None:
+    """The pixel budget of image files now: ``DYNAGUIDE_MAX_DECODE_PIXELS`` if set, else
+    :data:`MAX_DECODE_PIXELS` (None: no budget)."""
+    raw = os.environ.get(_BUDGET_ENV)
+    if raw is None or not raw.strip():
+        return MAX_DECODE_PIXELS
+    if raw.strip().lower() == "none":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{_BUDGET_ENV}={raw!r}: expected a positive integer number of pixels or 'none'"
+        ) from None
+    if value < 4:
+        raise ValueError(f"{_BUDGET_ENV}={raw!r}: expected at least 4 pixels")
+    return value
+
+
+def _check_budget(im: Image.Image, label: str) -> None:
+    """Refuse an image whose header announces more pixels than the budget (nothing decoded)."""
+    budget = decode_budget()
+    w, h = im.size
+    if budget is not None and w * h > budget:
+        raise ImageTooLargeError(
+            f"{label}: {w}x{h} pixels ({w * h / 1e6:.1f} MP) exceed the pixel budget of "
+            f"{budget} pixels ({budget / 1e6:.1f} MP); raise it with the environment variable "
+            f"{_BUDGET_ENV} (or dynaguide.io.MAX_DECODE_PIXELS) if this file is trusted and "
+            "memory allows"
+        )
+
+
+def _stat_error(path: Path, label: str) -> OSError | ImageReadError | None:
+    """The error to raise for a path that cannot be opened as a file, or None if it can."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            return FileNotFoundError(f"{label}: broken symbolic link to {os.readlink(path)!r}")
+        return FileNotFoundError(f"{label}: no such file")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ImageReadError(f"{label}: symbolic link loop (the link points back to itself)")
+        if exc.errno == errno.ENAMETOOLONG:
+            return ImageReadError(f"{label}: file name too long")
+        return type(exc)(exc.errno, f"{label}: {exc.strerror}")
+    except ValueError as exc:  # embedded NUL byte
+        return ImageReadError(f"{label}: invalid path ({exc})")
+    if stat.S_ISDIR(st.st_mode):
+        return ImageReadError(f"{label}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        return ImageReadError(f"{label}: not a regular file (device, socket or pipe)")
+    return None
+
+
 def _load_path(path: Path, name: str | None) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"{_label(name, str(path))}: no such file")
-    if path.is_dir():
-        raise ImageReadError(f"{_label(name, str(path))}: is a directory, not an image file")
-    return _decode_file(path, _label(name, str(path)), str(path), name)
+    label = _label(name, str(path))
+    problem = _stat_error(path, label)
+    if problem is not None:
+        raise problem
+    return _decode_file(path, label, str(path), name)
 
 
 def _load_bytes(data: bytes, name: str | None) -> np.ndarray:
@@ -267,7 +349,10 @@ def _decode_file(
     """Decode an image file (a path or an in-memory file) with EXIF orientation applied."""
     try:
         with Image.open(file) as im:
+            _check_budget(im, label)
             im.load()  # decodes the first frame; the pixels stay valid after closing
+    except ImageTooLargeError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageReadError(
             f"{label}: refused by PIL as a possible decompression bomb ({exc}). "
@@ -277,8 +362,10 @@ def _decode_file(
         raise ImageReadError(
             f"{label}: not a readable image file (PIL cannot identify it)"
         ) from exc
-    except (PermissionError, MemoryError):
-        raise
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"{label}: {exc.strerror}") from exc
+    except MemoryError as exc:
+        raise MemoryError(f"{label}: out of memory while decoding the image") from exc
     except Exception as exc:  # OSError (truncated), SyntaxError, struct.error, zlib.error, ...
         raise ImageReadError(f"{label}: cannot decode image: {type(exc).__name__}: {exc}") from exc
     try:
@@ -330,7 +417,9 @@ def _pil_label(im: Image.Image, name: str | None, path: str | None) -> str:
     return f"PIL image (mode {im.mode}, size {im.size[0]}x{im.size[1]})"
 
 
-def list_images(folder: str | os.PathLike[str], *, recursive: bool = False) -> list[Path]:
+def list_images(
+    folder: str | os.PathLike[str], *, recursive: bool = False, skip_outputs: bool = True
+) -> list[Path]:
     """Image files in ``folder``, sorted by path.
 
     Parameters
@@ -339,12 +428,17 @@ def list_images(folder: str | os.PathLike[str], *, recursive: bool = False) -> l
         Folder to scan.
     recursive : bool
         Also scan sub-folders.
+    skip_outputs : bool
+        Leave out the files dynaguide itself wrote there (label maps and overlays recorded
+        in the folder's manifest, see :mod:`dynaguide.manifest`), so a folder of results is
+        never read back as a folder of inputs.
 
     Returns
     -------
     list of Path
         Files whose extension (case-insensitive) is one of :data:`IMAGE_EXTENSIONS`;
-        hidden files (name starting with ``.``, e.g. macOS ``._x.jpg``) are ignored.
+        hidden files and folders (name starting with ``.``, e.g. macOS ``._x.jpg``) are
+        ignored. Broken symbolic links are listed (loading them gives a clear error).
 
     Raises
     ------
@@ -355,215 +449,56 @@ def list_images(folder: str | os.PathLike[str], *, recursive: bool = False) -> l
     ValueError
         ``folder`` holds no image file.
     """
+    from dynaguide.manifest import read_manifest, written_by_dynaguide
+
     root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder")
-    if not root.is_dir():
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{root}: no such folder") from None
+    except OSError as exc:  # a symbolic link loop, no permission, ...
+        raise type(exc)(exc.errno, f"{root}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"{root}: not a folder")
     candidates = root.rglob("*") if recursive else root.iterdir()
     found = sorted(
         p
         for p in candidates
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and (p.is_file() or (p.is_symlink() and not p.is_dir()))
     )
+    if skip_outputs:
+        manifests: dict[Path, Any] = {}
+        kept = []
+        for p in found:
+            if p.parent not in manifests:
+                manifests[p.parent] = read_manifest(p.parent)
+            if not (manifests[p.parent] and written_by_dynaguide(p, manifests[p.parent])):
+                kept.append(p)
+        found = kept
     if not found:
         raise ValueError(
             f"{root}: no image files found{' (searched recursively)' if recursive else ''}; "
             f"looked for extensions {', '.join(IMAGE_EXTENSIONS)}"
+            + (" (files dynaguide wrote itself are not inputs)" if skip_outputs else "")
         )
     return found
 
 
-# --------------------------------------------------------------------------- writing
+def reduce_for_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Shrink a large ``image`` by an integer box filter (``PIL.Image.reduce``) towards ``size``.
 
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)  # not thread-safe, only reached where /proc is missing
-    os.umask(old)
-    return old
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically.
-
-    The bytes go to a temporary file in the same folder, which is flushed, ``fsync``-ed
-    and renamed over ``path`` with :func:`os.replace`: readers see either the old file
-    or the complete new one. Missing parent folders are created. The file gets the
-    usual permissions (``0o666`` minus the umask).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Destination file.
-    data : bytes-like
-        Content.
-
-    Returns
-    -------
-    Path
-        ``path``.
+    Downscaling a big image with scikit-image's anti-aliased resize allocates several
+    float64 copies of the whole image (24 bytes per pixel each). For images above 16 MP
+    whose target is at least 4 times smaller per side, the image is first reduced by the
+    largest integer factor that keeps it at least twice the target size, in ``uint8``; the
+    final anti-aliased resize then works on the small image. Smaller images are returned as
+    they are, so their results do not change.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{path}: data must be bytes-like, got {type(data).__name__}")
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"{target}: is a directory")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(parent)
-    return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); silently skipped where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
-
-
-def save_label_png(path: str | os.PathLike[str], labels: np.ndarray) -> Path:
-    """Save a label map as a 16-bit grayscale PNG, atomically.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Destination ``.png``.
-    labels : numpy.ndarray
-        (H, W) integer array with values in [0, 65535].
-
-    Returns
-    -------
-    Path
-        ``path``. :func:`read_label_png` reads it back exactly.
-    """
-    arr = np.asarray(labels)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: labels must be a 2-D (H, W) array, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{path}: labels must have an integer dtype, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{path}: labels array of shape {arr.shape} is empty")
-    if arr.dtype != np.uint16:
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 65535:
-            raise ValueError(
-                f"{path}: label values must fit in a 16-bit PNG ([0, 65535]), found range "
-                f"[{lo}, {hi}]"
-            )
-        arr = arr.astype(np.uint16)
-    return write_atomic(path, _png_bytes(Image.fromarray(np.ascontiguousarray(arr))))
-
-
-def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a label map written by :func:`save_label_png` (or any 8/16-bit single-channel
-    PNG, palette indices included) as an (H, W) ``int32`` array."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            mode = im.mode
-            if mode not in ("L", "P", "I", "1") and not mode.startswith("I;16"):
-                raise ImageReadError(
-                    f"{p}: PIL mode {mode!r} is not a single-channel label map (expected a "
-                    "16-bit or 8-bit grayscale or palette PNG)"
-                )
-            arr = np.asarray(im)
-    except ImageReadError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{p}: not a readable image file (PIL cannot identify it)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise ImageReadError(f"{p}: cannot decode label map: {type(exc).__name__}: {exc}") from exc
-    return arr.astype(np.int32)
-
-
-def save_rgb_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
-    """Save an (H, W, 3) ``uint8`` RGB image as PNG, atomically; returns ``path``."""
-    arr = np.asarray(rgb)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(
-            f"{path}: expected an (H, W, 3) uint8 RGB array, got shape {arr.shape} and dtype "
-            f"{arr.dtype}"
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{path}: RGB array of shape {arr.shape} is empty")
-    return write_atomic(path, _png_bytes(Image.fromarray(np.ascontiguousarray(arr), mode="RGB")))
-
-
-def to_jsonable(obj: Any, *, where: str = "object") -> Any:
-    """Recursively convert ``obj`` to plain JSON types.
-
-    numpy scalars and arrays become Python numbers and lists, dataclasses dicts (or
-    their ``to_dict()``), paths strings, tuples and sets lists, torch tensors lists;
-    non-finite floats become ``None`` (JSON has no NaN). Raises ``TypeError`` naming
-    the offending key for anything else.
-    """
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item(), where=where)
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist(), where=where)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v, where=f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, where=f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((to_jsonable(v, where=where) for v in obj), key=repr)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        to_dict = getattr(obj, "to_dict", None)
-        return to_jsonable(to_dict() if callable(to_dict) else dataclasses.asdict(obj), where=where)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist(), where=where)
-    raise TypeError(f"{where}: value of type {type(obj).__qualname__} is not JSON-serialisable")
-
-
-def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented UTF-8 JSON, atomically (see :func:`to_jsonable` for the
-    conversions applied). Returns ``path``."""
-    text = json.dumps(
-        to_jsonable(obj, where=str(path)), indent=2, allow_nan=False, ensure_ascii=False
-    )
-    return write_atomic(path, (text + "\n").encode("utf-8"))
+    h, w = image.shape[:2]
+    th, tw = size
+    factor = min(h // (2 * max(1, th)), w // (2 * max(1, tw)))
+    if h * w <= 16_000_000 or factor < 2:
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).reduce(int(factor)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import numbers
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -56,6 +57,8 @@ def _native_cuda_devices() -> int:
 
 def _choose(op: str, device_type: str, backend: str | None, *, cuda_kernel: bool) -> str:
     """Return ``"native"`` or ``"torch"`` (the numpy/torch fallback) for one call."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None or a backend name, got {backend!r}")
     explicit = backend.lower() if backend else None
     if explicit is not None and explicit not in _backend.BACKENDS:
         raise _backend.BackendUnavailableError(
@@ -246,8 +249,13 @@ def connected_components(
     array([[0, 1, 2],
            [3, 2, 2]], dtype=int32)
     """
-    if isinstance(connectivity, bool) or connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    if (
+        isinstance(connectivity, (bool, np.bool_))
+        or not isinstance(connectivity, numbers.Integral)
+        or connectivity not in (4, 8)
+    ):
+        raise ValueError(f"connectivity must be 4 or 8 (an int), got {connectivity!r}")
+    connectivity = int(connectivity)  # numpy integers too; never a float
     if isinstance(labels, (np.ndarray, torch.Tensor)) and labels.dtype in (np.bool_, torch.bool):
         labels = labels.view(np.uint8) if isinstance(labels, np.ndarray) else labels.to(torch.uint8)
     kind = _check_int_labels(labels, "labels", (2, 3))

@@ -17,6 +17,7 @@ than a few hundred MB).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import warnings
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 
 from dynaguide.config import RefineConfig
+from dynaguide.errors import RefinementDivergedError
 from dynaguide.guidance import compute_guide_labels
-from dynaguide.io import load_image
+from dynaguide.io import load_image, reduce_for_resize
 from dynaguide.native import relabel_sequential
 from dynaguide.postprocess import postprocess
 from dynaguide.refine import RefineResult, image_tensor
@@ -66,7 +68,7 @@ def refinement_size(
     """Size the image is refined at: ``scale`` applied, then capped at ``max_pixels``
     and at ``work_pixels`` (area-preserving factors, at least 2x2)."""
     if scale is not None:
-        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+        if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and 0 < scale <= 1):
             raise ValueError(f"scale must be a number in (0, 1], got {scale!r}")
         height, width = max(2, round(height * scale)), max(2, round(width * scale))
     for cap in (max_pixels, work_pixels):
@@ -82,6 +84,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     from skimage.transform import resize
 
+    image = reduce_for_resize(image, size)  # bounded memory for very large images
     out = resize(image, size, order=1, anti_aliasing=True, preserve_range=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -161,6 +164,8 @@ def prepare(
         if guidance_options is None and config.default_guidance_options:
             guidance_options = dict(config.default_guidance_options)
     if isinstance(guidance, (np.ndarray, torch.Tensor)):
+        if isinstance(guidance, torch.Tensor) and guidance.device.type == "meta":
+            raise TypeError(f"guidance labels for {label}: a meta tensor holds no data")
         g = guidance.detach().cpu().numpy() if isinstance(guidance, torch.Tensor) else guidance
         g = np.asarray(g)
         if g.ndim == 3 and g.shape[-1] == 1:
@@ -225,7 +230,18 @@ def finish(
     seed: int,
     batched: bool = False,
 ) -> Segmentation:
-    """Full-size, post-processed labels of ``result`` as a :class:`Segmentation`."""
+    """Full-size, post-processed labels of ``result`` as a :class:`Segmentation`.
+
+    Raises
+    ------
+    RefinementDivergedError
+        When the loss history holds NaN or infinity.
+    """
+    if not np.all(np.isfinite(result.loss_history)):
+        raise RefinementDivergedError(
+            f"{prepared.label}: refinement diverged: the loss is NaN or infinite "
+            f"(lr={config.lr:g}); lower lr or check the weights of the losses"
+        )
     labels = full_size_labels(result, prepared, config)
     labels = postprocess(
         labels,

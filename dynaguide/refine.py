@@ -19,6 +19,7 @@ import torch
 
 from dynaguide import losses
 from dynaguide.config import RefineConfig
+from dynaguide.errors import RefinementDivergedError
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
 
@@ -376,6 +377,12 @@ def refine(
     deadline : float, optional
         ``time.perf_counter()`` value after which the loop stops at its next check
         (default: ``config.time_budget`` seconds after the start of this call).
+
+    Raises
+    ------
+    RefinementDivergedError
+        The loss became NaN or infinite (checked at each stopping check: every iteration
+        on CPU, every ``check_every`` on CUDA).
     """
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -412,6 +419,11 @@ def refine(
         loss_hist[it] = loss
         k_hist[it] = k
         if at_check:
+            if not bool(torch.isfinite(loss_hist[max(0, it + 1 - stopper.every) : it + 1]).all()):
+                raise RefinementDivergedError(
+                    f"refinement diverged: the loss is NaN or infinite by iteration {it + 1} "
+                    f"(lr={config.lr:g}); lower lr or check the weights of the losses"
+                )
             if callback is not None:
                 callback(it, float(loss_hist[it]), int(k_hist[it]))
             reason = stopper.check(it, k_hist, labels)

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from dynaguide.io import IMAGE_EXTENSIONS, save_json, save_label_png, save_rgb_png, to_jsonable
+from dynaguide.io import IMAGE_EXTENSIONS, to_jsonable
+from dynaguide.writing import (
+    encode_label_png,
+    encode_rgb_png,
+    json_bytes,
+    save_json,
+    save_label_png,
+    save_rgb_png,
+)
 
 __all__ = ["Segmentation", "label_colors"]
 
@@ -328,15 +336,7 @@ class Segmentation:
             ``{"labels": Path, "overlay": Path, "json": Path}``.
         """
         stem = self.default_stem() if stem is None else stem
-        if (
-            not isinstance(stem, str)
-            or not stem
-            or stem in (".", "..")
-            or "/" in stem
-            or "\\" in stem
-            or "\0" in stem
-        ):
-            raise ValueError(f"stem must be a non-empty file name without separators, got {stem!r}")
+        check_stem(stem)
         folder = Path(out_dir)
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"{folder}: output path exists and is not a folder")
@@ -345,6 +345,27 @@ class Segmentation:
         save_rgb_png(paths["overlay"], self.overlay(alpha))
         save_json(paths["json"], self.to_dict())
         return paths
+
+    def output_bytes(
+        self, alpha: float = 0.5, *, extra_json: dict[str, Any] | None = None
+    ) -> dict[str, bytes]:
+        """The contents :meth:`save` writes, in writing order (the JSON last).
+
+        Returns
+        -------
+        dict
+            ``{"labels": PNG bytes, "overlay": PNG bytes, "json": UTF-8 JSON bytes}``;
+            ``extra_json`` is merged into the top level of :meth:`to_dict`.
+        """
+        who = self.name or "segmentation"
+        labels = encode_label_png(self.labels, where=f"labels of {who}")
+        overlay = encode_rgb_png(self.overlay(alpha), where=f"overlay of {who}")
+        summary = {**self.to_dict(), **(extra_json or {})}
+        return {
+            "labels": labels,
+            "overlay": overlay,
+            "json": json_bytes(summary, where=f"summary of {who}"),
+        }
 
     @staticmethod
     def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
@@ -355,6 +376,24 @@ class Segmentation:
             "overlay": folder / f"{stem}.overlay.png",
             "json": folder / f"{stem}.json",
         }
+
+
+def check_stem(stem: Any) -> str:
+    """``stem`` if it is a usable output file stem (a non-empty name without separators)."""
+    if (
+        not isinstance(stem, str)
+        or not stem
+        or stem in (".", "..")
+        or "/" in stem
+        or "\\" in stem
+        or "\0" in stem
+        or len((stem + ".overlay.png").encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise ValueError(
+            f"stem must be a non-empty file name without separators whose outputs fit in 255 "
+            f"bytes, got {stem!r}"
+        )
+    return stem
 
 
 def _shape_of(value: Any) -> str:

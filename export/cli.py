@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -79,11 +80,21 @@ def register(subparsers: Any) -> None:
 def _common(parser: argparse.ArgumentParser, *, atol: float) -> None:
     parser.add_argument(
         "--atol",
-        type=float,
+        type=_tolerance,
         default=atol,
         help=f"verification tolerance on max|ort - torch| / max(1, max|torch|) (default {atol})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -117,10 +128,10 @@ def _run(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespac
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             report = fn(args)
-        except (FileNotFoundError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # names the input
             print(f"dynaguide export {args.export_kind}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except (RuntimeError, ImportError) as exc:
+        except (RuntimeError, ImportError, MemoryError) as exc:
             print(f"dynaguide export {args.export_kind}: failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(report.summary())

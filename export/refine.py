@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynaguide.errors import ModelFileError, first_line
 from dynaguide.guidance.ort import METADATA_PREFIX, ExportReport, export_onnx, verify_image_model
 
 __all__ = ["BatchStatNorm", "export_refine_net", "load_refine_checkpoint"]
@@ -75,37 +76,48 @@ def load_refine_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ValueError
-        If the file is not a ``{"config", "state_dict"}`` checkpoint or does not fit.
+    ModelFileError
+        (a ``ValueError``) the file is not a ``{"config", "state_dict"}`` checkpoint, its
+        config is outside the bounds of :class:`~dynaguide.RefineConfig` (checked before the
+        network is allocated), or the weights do not fit the config.
     """
     from dynaguide.config import RefineConfig
-    from dynaguide.model import build_model
+    from dynaguide.model import RefineNet
 
     p = Path(path)
+    what = f"refine-net checkpoint {str(p)!r}"
     if not p.is_file():
-        raise FileNotFoundError(f"refine-net checkpoint {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} does not exist")
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"refine-net checkpoint {str(p)!r} cannot be read: {exc}") from exc
+        raise ModelFileError(f"{what} cannot be read: {first_line(exc)}") from None
     if not (isinstance(data, dict) and "config" in data and "state_dict" in data):
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"refine-net checkpoint {str(p)!r} must hold a dict with 'config' and 'state_dict', "
-            f"got {keys}"
-        )
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ModelFileError(f"{what} must hold a dict with 'config' and 'state_dict', got {keys}")
     config = data["config"]
-    if isinstance(config, dict):
-        config = RefineConfig.from_dict(config)
+    try:  # the config's bounds (n_channels, n_conv, ...) are checked before any allocation
+        if isinstance(config, dict):
+            config = RefineConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{what}: invalid config: {exc}") from None
     if not isinstance(config, RefineConfig):
-        raise ValueError(f"refine-net checkpoint {str(p)!r}: 'config' is a {type(config).__name__}")
-    model = build_model(config)
+        raise ModelFileError(f"{what}: 'config' is a {type(config).__name__}")
+    state = data["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor)
+        and (v.dtype == torch.float32 or (not v.is_floating_point() and not v.is_complex()))
+        for v in state.values()
+    ):
+        raise ModelFileError(f"{what}: 'state_dict' must map names to float32 (or int) tensors")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = RefineNet(config.n_channels, config.n_conv, config.skip)
     try:
-        model.load_state_dict(data["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # uses the loaded tensors
     except RuntimeError as exc:
-        raise ValueError(
-            f"refine-net checkpoint {str(p)!r} does not fit its config: {exc}"
-        ) from exc
+        raise ModelFileError(f"{what} does not fit its config: {exc}") from None
     return model.eval(), config
 
 

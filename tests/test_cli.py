@@ -77,7 +77,12 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _outputs(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    """The files in ``out``, without dynaguide's bookkeeping folder (manifest and locks)."""
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and ".dynaguide" not in p.relative_to(out).parts
+    )
 
 
 # --------------------------------------------------------------------------- segment

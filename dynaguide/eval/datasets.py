@@ -147,13 +147,13 @@ class DatasetItem:
         return self._cache["annotations"]
 
     def load_image(self) -> np.ndarray:
-        """The image as RGB uint8 (H, W, 3). Raises :class:`DatasetError` if corrupt."""
-        from PIL import Image, UnidentifiedImageError
+        """The image as RGB uint8 (H, W, 3), EXIF orientation applied as
+        :func:`dynaguide.segment` does. Raises :class:`DatasetError` if corrupt."""
+        from dynaguide.io import load_image
 
         try:
-            with Image.open(self.image_path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            return load_image(self.image_path)
+        except (OSError, ValueError, TypeError) as exc:
             raise DatasetError(f"{self.image_path}: cannot read image ({exc})") from None
 
 

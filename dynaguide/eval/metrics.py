@@ -68,7 +68,7 @@ def _compact(flat: np.ndarray) -> tuple[np.ndarray, int]:
         return np.zeros(0, np.int64), 0
     lo, hi = int(flat.min()), int(flat.max())
     if hi - lo < 4 * flat.size + 1024:  # bounded range: a lookup table, O(n)
-        shifted = flat.astype(np.int64) - lo
+        shifted = (flat - flat.dtype.type(lo)).astype(np.int64)  # exact for uint64 >= 2**63
         present = np.bincount(shifted, minlength=hi - lo + 1) > 0
         lut = np.cumsum(present) - 1
         return lut[shifted], int(present.sum())

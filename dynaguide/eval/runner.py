@@ -24,15 +24,13 @@ from typing import Any
 import numpy as np
 
 from dynaguide.config import DEFAULT_PRESET
+from dynaguide.errors import image_failure
 from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
 from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
 
 __all__ = ["CACHE_FORMAT", "code_version", "evaluate", "load_cached", "summarize"]
 
 CACHE_FORMAT = 1
-#: Errors that mark one image as failed while the run goes on (corrupt or unreadable
-#: image/annotation, bad shape, out of memory). Anything else is a bug and propagates.
-_PER_IMAGE_ERRORS = (ValueError, OSError, MemoryError)
 
 _SCORE_DOC = {
     "raw": "prediction scored as returned by dynaguide.segment",
@@ -499,8 +497,8 @@ def _run_one(
             scores[f"cc{connectivity}"] = _score(
                 metric, labels, annotations, cc=True, connectivity=connectivity, resize=resize
             )
-    except _PER_IMAGE_ERRORS as exc:
-        return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # the per-image policy of dynaguide.errors (re-raises run stoppers)
+        return {"id": item.id, "error": image_failure(exc, item.id).message}
     rec: dict[str, Any] = {
         "id": item.id,
         "image": str(item.image_path),

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dynaguide.errors import GuideError
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.guidance.base import Guide, available_guides, get_guide, register_guide
 from dynaguide.guidance.classic import FelzenszwalbGuide, KMeansGuide, SlicGuide
@@ -56,6 +57,21 @@ def _register_learned() -> None:
 _register_learned()
 
 
+def _call_guide(
+    guide: Callable[[np.ndarray], Any], image: np.ndarray, label: str, name: str
+) -> Any:
+    """``guide(image)``; any failure becomes a :class:`GuideError` (or a MemoryError) naming
+    the guide and the image, with the guide's exception as its cause."""
+    try:
+        return guide(image)
+    except MemoryError as exc:
+        raise MemoryError(f"guide {label!r} ran out of memory on {name}") from exc
+    except Exception as exc:
+        raise GuideError(
+            f"guide {label!r} failed on {name}: {type(exc).__name__}: {exc}".strip()
+        ) from exc
+
+
 def compute_guide_labels(
     guidance: Any, image: np.ndarray, *, options: dict[str, Any] | None = None, name: str = "image"
 ) -> tuple[np.ndarray | None, str | None]:
@@ -75,6 +91,8 @@ def compute_guide_labels(
     ------
     ValueError, TypeError
         When the guidance or its output has the wrong type or shape.
+    GuideError
+        When the guide itself raised (the guide's exception is the ``__cause__``).
     """
     if guidance is None or (isinstance(guidance, str) and guidance.lower() == "none"):
         return None, None
@@ -95,7 +113,16 @@ def compute_guide_labels(
             f"guidance for {name} must be None, a guide name, a label array or a callable, "
             f"got {type(guidance).__name__}"
         )
-    labels = np.asarray(guidance) if guide is None else np.asarray(guide(image))
+    raw = guidance if guide is None else _call_guide(guide, image, label, name)
+    if type(raw).__module__.startswith("torch") and hasattr(raw, "detach"):
+        raw = raw.detach().cpu().numpy() if raw.device.type != "meta" else raw
+    try:
+        labels = np.asarray(raw)
+    except Exception as exc:
+        raise TypeError(
+            f"guide {label!r} for {name} gave a {type(raw).__name__} that is not a label array "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if labels.ndim == 3 and labels.shape[-1] == 1:
         labels = labels[..., 0]
     if labels.shape != (h, w):

@@ -45,6 +45,10 @@ def register_guide(
     ValueError
         If ``name`` is taken and ``overwrite`` is False.
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"guide name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"guide factory for {name!r} must be callable, got {factory!r}")
     key = name.lower()
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"a guide named {name!r} is already registered")
@@ -64,6 +68,8 @@ def get_guide(name: str, **options: Any) -> Guide:
     KeyError
         With the list of known names, if ``name`` is not registered.
     """
+    if not isinstance(name, str):
+        raise KeyError(f"unknown guide {name!r} (guide names are strings)")
     key = name.lower()
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "(none)"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynaguide.errors import as_int, as_number
+
 
 def _check_rgb(image: np.ndarray, guide: str) -> None:
     if not (
@@ -25,6 +27,8 @@ def _check_rgb(image: np.ndarray, guide: str) -> None:
         raise ValueError(
             f"guide {guide!r} expects an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
         )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"guide {guide!r} got an empty image of shape {image.shape}")
 
 
 @dataclass
@@ -48,6 +52,13 @@ class KMeansGuide:
     n_init: int = 4
     seed: int = 42
     name: str = "kmeans"
+
+    def __post_init__(self) -> None:
+        """Validate the options (TypeError / ValueError naming the option)."""
+        self.n_clusters = as_int(self.n_clusters, "kmeans n_clusters", minimum=1, maximum=256)
+        self.sample = as_int(self.sample, "kmeans sample", minimum=1, maximum=10_000_000)
+        self.n_init = as_int(self.n_init, "kmeans n_init", minimum=1, maximum=100)
+        self.seed = as_int(self.seed, "kmeans seed", minimum=0, maximum=2**32 - 1)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W) int32 cluster ids of an (H, W, 3) uint8 RGB image."""
@@ -77,6 +88,12 @@ class FelzenszwalbGuide:
     min_size: int = 50
     name: str = "felzenszwalb"
 
+    def __post_init__(self) -> None:
+        """Validate the options (TypeError / ValueError naming the option)."""
+        self.scale = as_number(self.scale, "felzenszwalb scale", minimum=0, positive=True)
+        self.sigma = as_number(self.sigma, "felzenszwalb sigma", minimum=0, maximum=1000)
+        self.min_size = as_int(self.min_size, "felzenszwalb min_size", minimum=0)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W) int32 segment ids of an (H, W, 3) uint8 RGB image."""
         from skimage.segmentation import felzenszwalb
@@ -95,6 +112,12 @@ class SlicGuide:
     compactness: float = 10.0
     sigma: float = 0.0
     name: str = "slic"
+
+    def __post_init__(self) -> None:
+        """Validate the options (TypeError / ValueError naming the option)."""
+        self.n_segments = as_int(self.n_segments, "slic n_segments", minimum=1, maximum=10**6)
+        self.compactness = as_number(self.compactness, "slic compactness", minimum=0, positive=True)
+        self.sigma = as_number(self.sigma, "slic sigma", minimum=0, maximum=1000)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W) int32 superpixel ids of an (H, W, 3) uint8 RGB image."""

@@ -42,10 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynaguide.errors import ModelFileError, first_line
 from dynaguide.guidance.base import available_guides, register_guide
 from dynaguide.guidance.ort import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_INPUT_SIDE,
     METADATA_PREFIX,
     ExportReport,
     ImagePreprocessor,
@@ -53,7 +55,7 @@ from dynaguide.guidance.ort import (
     check_onnx_file,
     check_rgb_image,
     export_onnx,
-    quiet_transformers,
+    load_pretrained,
     read_checkpoint_config,
     read_metadata,
     require_transformers,
@@ -115,8 +117,8 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
 
 
 def _taus(tau: float | Sequence[float], n_iter: int) -> list[float]:
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= 1000:
+        raise ValueError(f"n_iter must be an int in [1, 1000], got {n_iter!r}")
     taus = [float(tau)] * n_iter if isinstance(tau, (int, float)) else [float(t) for t in tau]
     if len(taus) != n_iter:
         raise ValueError(
@@ -606,16 +608,22 @@ def load_vit(checkpoint: str | os.PathLike) -> torch.nn.Module:
     cfg = read_checkpoint_config(checkpoint, what="vit checkpoint", model_types=VIT_MODEL_TYPES)
     transformers = require_transformers()
     extra = {"add_pooling_layer": False} if cfg["model_type"] == "vit" else {}
-    try:
-        with quiet_transformers():
-            model = transformers.AutoModel.from_pretrained(
-                str(checkpoint), local_files_only=True, attn_implementation="eager", **extra
-            )
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"vit checkpoint {str(checkpoint)!r}: cannot load weights: {exc}"
-        ) from exc
+    model = load_pretrained(
+        lambda: transformers.AutoModel.from_pretrained(
+            str(checkpoint), local_files_only=True, attn_implementation="eager", **extra
+        ),
+        f"vit checkpoint {str(checkpoint)!r}",
+    )
     return model.eval()
+
+
+def _config_int(folder: Path, key: str, default: int | None) -> int:
+    """An integer field of ``folder/config.json`` (a clear error when missing or not an int)."""
+    cfg = read_checkpoint_config(folder, what="vit checkpoint", model_types=VIT_MODEL_TYPES)
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ModelFileError(f"{folder / 'config.json'}: {key} must be an int in [1, 4096]")
+    return value
 
 
 def vit_preprocessor(folder: str | os.PathLike, model_type: str) -> ImagePreprocessor:
@@ -631,8 +639,12 @@ def vit_preprocessor(folder: str | os.PathLike, model_type: str) -> ImagePreproc
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return base
-    cfg = json.loads(path.read_text())
-    cfg.pop("size", None)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read {str(path)!r}: {exc}") from None
+    if isinstance(cfg, dict):
+        cfg.pop("size", None)
     return base.updated(cfg, source=str(path))
 
 
@@ -777,11 +789,11 @@ class ViTAttention:
             raise ValueError(f"backend must be 'onnxruntime' or 'torch', got {backend!r}")
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")
-        if isinstance(size, (int, np.integer)):
-            if size < 1:
-                raise ValueError(f"size must be positive, got {size!r}")
-        else:
-            _grid_shape(size, "size")
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            if not 1 <= size <= MAX_INPUT_SIDE:
+                raise ValueError(f"size must be in [1, {MAX_INPUT_SIDE}], got {size!r}")
+        elif max(_grid_shape(size, "size")) > MAX_INPUT_SIDE:
+            raise ValueError(f"size must be at most {MAX_INPUT_SIDE} per side, got {size!r}")
         self.size = size
         self.backend = backend
         self.export_report: ExportReport | None = None
@@ -817,7 +829,7 @@ class ViTAttention:
             target = Path(onnx_path)
             if target.is_file():
                 meta = read_metadata(target)
-                n = int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+                n = _config_int(folder, "num_hidden_layers", None)
                 want = json.dumps(sorted({int(x) % n for x in layers}))
                 if meta.get(METADATA_PREFIX + "source_fingerprint") == _fingerprint(folder, want):
                     return target, lambda: None
@@ -826,7 +838,7 @@ class ViTAttention:
             target, cleanup = temporary_onnx_path("vit-attention")
         # the export size is only binding when the model cannot be exported with dynamic H, W:
         # a 2:3 landscape input at the requested long side
-        p = int(json.loads((folder / "config.json").read_text()).get("patch_size", 16))
+        p = _config_int(folder, "patch_size", 16)
         size = self.size
         if isinstance(size, (int, np.integer)):
             size = (int(size) * 2 // 3, int(size))
@@ -843,14 +855,38 @@ class ViTAttention:
                 "vit-attention export "
                 f"(metadata kind {meta.get(METADATA_PREFIX + 'kind')!r})"
             )
-        self.patch_size = int(meta[METADATA_PREFIX + "patch_size"])
-        self.layers = json.loads(meta[METADATA_PREFIX + "layers"])
+        source = str(onnx_file)
+        try:
+            self.patch_size = int(meta[METADATA_PREFIX + "patch_size"])
+            self.layers = json.loads(meta[METADATA_PREFIX + "layers"])
+        except (KeyError, ValueError) as exc:
+            raise ModelFileError(f"{source}: unreadable metadata ({first_line(exc)})") from None
+        if not 1 <= self.patch_size <= 64 or not (
+            isinstance(self.layers, list) and all(type(x) is int for x in self.layers)
+        ):
+            raise ModelFileError(
+                f"{source}: metadata patch_size {self.patch_size} must be in [1, 64] and layers "
+                f"a list of ints, got {self.layers!r}"
+            )
         self.preprocessor = ImagePreprocessor.from_metadata(
-            meta, defaults=ImagePreprocessor(size=None)
+            meta, defaults=ImagePreprocessor(size=None), source=source
         )
-        self._session = OrtSession(onnx_file.read_bytes(), device=device, threads=threads)
-        shape = self._session.input_shapes[self._session.input_names[0]][2:]
+        self._session = OrtSession(
+            onnx_file.read_bytes(), device=device, threads=threads, name=source
+        )
+        shapes = [self._session.input_shapes[n] for n in self._session.input_names]
+        if len(shapes) != 1 or len(shapes[0]) != 4 or not self._session.output_names:
+            raise ModelFileError(
+                f"{source}: expected one (1, 3, H, W) input and an attention output, got "
+                f"inputs {shapes}"
+            )
+        shape = shapes[0][2:]
         if all(isinstance(d, int) for d in shape):
+            if not all(self.patch_size <= d <= MAX_INPUT_SIDE for d in shape):
+                raise ModelFileError(
+                    f"{source}: fixed input size {list(shape)} outside "
+                    f"[{self.patch_size}, {MAX_INPUT_SIDE}]"
+                )
             self.fixed_size = (int(shape[0]), int(shape[1]))
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -873,6 +909,11 @@ class ViTAttention:
             assert self._session is not None
             out = self._session.run({self._session.input_names[0]: x})
             attn = torch.from_numpy(out[self._session.output_names[0]])
+            if attn.numel() != (gh * gw) ** 2 or not attn.is_floating_point():
+                raise ModelFileError(
+                    f"{self._session.name}: attention output of shape {list(attn.shape)} and "
+                    f"dtype {attn.dtype} does not match a {gh}x{gw} patch grid"
+                )
         return [attn.reshape(gh, gw, gh, gw)]
 
 

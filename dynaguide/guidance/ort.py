@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -34,11 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynaguide.errors import ModelFileError, first_line
+
 logger = logging.getLogger("dynaguide.export")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METADATA_PREFIX = "dynaguide."
+#: Largest network input side accepted from a model's metadata or configuration: beyond it
+#: a preprocessed image alone would take gigabytes (SegFormer and ViTs run at 224-1024).
+MAX_INPUT_SIDE = 4096
+_RESAMPLE_FILTERS = (0, 1, 2, 3, 4, 5)  # PIL: nearest, lanczos, bilinear, bicubic, box, hamming
 
 _INSTALL_HINT = (
     "install it with `pip install 'dynaguide[cpu]'` (onnxruntime) or "
@@ -102,6 +109,27 @@ def quiet_transformers() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
+def load_pretrained(load: Callable[[], Any], what: str) -> Any:
+    """``load()`` (a transformers ``from_pretrained`` call), quietly, with clear errors.
+
+    Raises
+    ------
+    FileNotFoundError
+        The weights are missing (transformers raises ``OSError``).
+    ModelFileError
+        The weights file is corrupt or foreign (safetensors, refused pickle, ...).
+    """
+    try:
+        with quiet_transformers():
+            return load()
+    except OSError as exc:
+        raise FileNotFoundError(f"{what}: cannot load weights: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # a corrupt or foreign weights file
+        raise ModelFileError(f"{what}: cannot load weights: {first_line(exc)}") from None
+
+
 def read_checkpoint_config(
     folder: str | os.PathLike, *, what: str, model_types: Sequence[str]
 ) -> dict:
@@ -140,8 +168,12 @@ def read_checkpoint_config(
         )
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{what}: cannot read {str(cfg_path)!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelFileError(f"{what}: cannot read {str(cfg_path)!r}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelFileError(
+            f"{what}: {str(cfg_path)!r} holds a JSON {type(cfg).__name__}, not an object"
+        )
     model_type = cfg.get("model_type")
     if model_type not in model_types:
         raise ValueError(
@@ -208,15 +240,37 @@ class ImagePreprocessor:
     def __post_init__(self) -> None:
         """Validate the fields."""
         if self.size is not None and (
-            len(self.size) != 2
-            or any(not isinstance(s, (int, np.integer)) or s < 1 for s in self.size)
+            not isinstance(self.size, (tuple, list))
+            or len(self.size) != 2
+            or any(
+                isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+                for s in self.size
+            )
         ):
             raise ValueError(
                 f"size must be None or (height, width) positive ints, got {self.size!r}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
+        if self.size is not None and max(self.size) > MAX_INPUT_SIDE:
             raise ValueError(
-                f"mean/std must have 3 entries and std no zero, got {self.mean!r} / {self.std!r}"
+                f"size {tuple(self.size)!r} is larger than {MAX_INPUT_SIDE} pixels per side"
+            )
+        values = (*self.mean, *self.std, self.rescale_factor)
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or any(s == 0 for s in self.std)
+            or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            )
+        ):
+            raise ValueError(
+                f"mean/std must have 3 finite entries and std no zero, and rescale_factor must "
+                f"be finite, got {self.mean!r} / {self.std!r} / {self.rescale_factor!r}"
+            )
+        if self.resample not in _RESAMPLE_FILTERS or isinstance(self.resample, bool):
+            raise ValueError(
+                f"resample must be a PIL filter {_RESAMPLE_FILTERS}, got {self.resample!r}"
             )
 
     @classmethod
@@ -234,32 +288,49 @@ class ImagePreprocessor:
             return base
         try:
             cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read {str(path)!r}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"cannot read {str(path)!r}: {exc}") from exc
         return base.updated(cfg, source=str(path))
 
     def updated(self, cfg: Mapping[str, Any], *, source: str = "config") -> ImagePreprocessor:
-        """Copy with the Hugging Face processor keys present in ``cfg`` applied."""
+        """Copy with the Hugging Face processor keys present in ``cfg`` applied.
+
+        Raises
+        ------
+        ModelFileError
+            (a ``ValueError`` naming ``source``) unreadable or out-of-bounds settings.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ModelFileError(f"{source}: preprocessing settings must be a JSON object")
         size = self.size
         raw = cfg.get("size")
-        if isinstance(raw, int):
-            size = (raw, raw)
-        elif isinstance(raw, Mapping) and raw.get("height") and raw.get("width"):
-            size = (int(raw["height"]), int(raw["width"]))
-        elif raw is not None:
-            raise ValueError(
-                f"{source}: unsupported size {raw!r} (expected an int or height/width)"
+        try:
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                size = (raw, raw)
+            elif isinstance(raw, Mapping) and raw.get("height") and raw.get("width"):
+                size = (int(raw["height"]), int(raw["width"]))
+            elif raw is not None:
+                raise ValueError(f"unsupported size {raw!r} (expected an int or height/width)")
+            return ImagePreprocessor(
+                size=size,
+                mean=tuple(float(v) for v in cfg.get("image_mean", self.mean)),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in cfg.get("image_std", self.std)),  # type: ignore[arg-type]
+                rescale_factor=float(cfg.get("rescale_factor", self.rescale_factor)),
+                resample=int(cfg.get("resample", self.resample)),
+                do_resize=bool(cfg.get("do_resize", self.do_resize)),
+                do_rescale=bool(cfg.get("do_rescale", self.do_rescale)),
+                do_normalize=bool(cfg.get("do_normalize", self.do_normalize)),
             )
-        return ImagePreprocessor(
-            size=size,
-            mean=tuple(float(v) for v in cfg.get("image_mean", self.mean)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in cfg.get("image_std", self.std)),  # type: ignore[arg-type]
-            rescale_factor=float(cfg.get("rescale_factor", self.rescale_factor)),
-            resample=int(cfg.get("resample", self.resample)),
-            do_resize=bool(cfg.get("do_resize", self.do_resize)),
-            do_rescale=bool(cfg.get("do_rescale", self.do_rescale)),
-            do_normalize=bool(cfg.get("do_normalize", self.do_normalize)),
-        )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f"{source}: invalid preprocessing settings: {exc}") from None
+
+    def with_size(self, size: Any, *, source: str) -> ImagePreprocessor:
+        """Copy with ``size`` (checked like the constructor's; errors name ``source``)."""
+        try:
+            fixed = None if size is None else tuple(int(s) for s in size)
+            return ImagePreprocessor(**{**self.__dict__, "size": fixed})
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f"{source}: invalid network input size {size!r}: {exc}") from None
 
     def to_metadata(self) -> dict[str, str]:
         """The fields as ONNX metadata strings (``dynaguide.preprocess``)."""
@@ -277,19 +348,34 @@ class ImagePreprocessor:
 
     @classmethod
     def from_metadata(
-        cls, meta: Mapping[str, str], *, defaults: ImagePreprocessor | None = None
+        cls,
+        meta: Mapping[str, str],
+        *,
+        defaults: ImagePreprocessor | None = None,
+        source: str = "ONNX metadata",
     ) -> ImagePreprocessor:
-        """Inverse of :meth:`to_metadata`; ``defaults`` when the key is absent."""
+        """Inverse of :meth:`to_metadata`; ``defaults`` when the key is absent.
+
+        Raises
+        ------
+        ModelFileError
+            Unreadable settings, or a size beyond :data:`MAX_INPUT_SIDE` (checked before
+            anything is allocated); the message names ``source``.
+        """
         base = defaults or cls()
         raw = meta.get(METADATA_PREFIX + "preprocess")
         if raw is None:
             return base
-        d = json.loads(raw)
+        try:
+            d = json.loads(raw)
+        except ValueError as exc:
+            raise ModelFileError(
+                f"{source}: unreadable {METADATA_PREFIX}preprocess: {exc}"
+            ) from None
+        if not isinstance(d, dict):
+            raise ModelFileError(f"{source}: {METADATA_PREFIX}preprocess is not a JSON object")
         size = d.pop("size", None)
-        out = base.updated(d)
-        return ImagePreprocessor(
-            **{**out.__dict__, "size": tuple(size) if size is not None else None}
-        )
+        return base.updated(d, source=source).with_size(size, source=source)
 
     def __call__(self, image: np.ndarray, *, size: tuple[int, int] | None = None) -> np.ndarray:
         """Preprocess one image.
@@ -471,7 +557,7 @@ def export_onnx(
                 "the dynamo exporter fixed the image size (a size-dependent branch was specialised)"
             )
     except Exception as exc:  # any exporter failure triggers the fallback, with its reason logged
-        reason = f"the dynamo exporter failed: {_first_line(exc)}"
+        reason = f"the dynamo exporter failed: {first_line(exc)}"
         _remove(out)
     if reason is not None:
         logger.warning("ONNX export to %s: %s; trying the TorchScript exporter", out, reason)
@@ -494,7 +580,7 @@ def export_onnx(
             exporter, dynamic = "torchscript", _input_is_dynamic(out)
         except Exception as exc:
             _remove(tmp)
-            legacy = _first_line(exc)
+            legacy = first_line(exc)
             if not out.exists():
                 raise RuntimeError(
                     f"ONNX export failed with both exporters: {reason}; torchscript: {legacy}"
@@ -553,9 +639,9 @@ def _native_output_silenced() -> Iterator[None]:
                 os.close(dup)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+def _shape_of(value: Any) -> list[int]:
+    shape = getattr(value, "shape", ())
+    return list(shape() if callable(shape) else shape)  # OrtValue.shape is a method
 
 
 def _forward_arg_name(module: torch.nn.Module) -> str:
@@ -568,10 +654,23 @@ def _forward_arg_name(module: torch.nn.Module) -> str:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
+    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded).
+
+    Raises
+    ------
+    ModelFileError
+        The file is not a readable ONNX model (the message names it).
+    """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except MemoryError as exc:
+        raise MemoryError(f"{path}: out of memory reading the ONNX model") from exc
+    except Exception as exc:  # protobuf DecodeError, onnx errors, ...
+        raise ModelFileError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -656,9 +755,15 @@ class OrtSession:
     """
 
     def __init__(
-        self, model: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        name: str | None = None,
     ):
         ort = require_onnxruntime()
+        self.name = name or (str(model) if not isinstance(model, bytes) else "ONNX model")
         self._ort = ort
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -667,9 +772,15 @@ class OrtSession:
                 raise ValueError(f"threads must be a positive int, got {threads!r}")
             options.intra_op_num_threads = threads
         src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(
-            src, sess_options=options, providers=select_providers(device)
-        )
+        providers = select_providers(device)
+        try:
+            self.session = ort.InferenceSession(src, sess_options=options, providers=providers)
+        except MemoryError:
+            raise
+        except Exception as exc:  # InvalidProtobuf, InvalidGraph, Fail, NoSuchFile, ...
+            raise ModelFileError(
+                f"{self.name}: ONNX Runtime cannot load the model ({first_line(exc)})"
+            ) from None
         self.providers: list[str] = self.session.get_providers()
         self.device_type = (
             "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -718,7 +829,16 @@ class OrtSession:
         for name in self.output_names:
             where = self.device_type if name in keep_on_device else "cpu"
             binding.bind_output(name, where, 0)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except MemoryError:
+            raise
+        except Exception as exc:  # InvalidArgument (the model does not take this input), Fail
+            shapes = {k: _shape_of(v) for k, v in feeds.items()}
+            raise ModelFileError(
+                f"{self.name}: ONNX Runtime failed on inputs {shapes} ({first_line(exc)}); "
+                "is this the right model for this guide?"
+            ) from None
         return dict(zip(self.output_names, binding.get_outputs(), strict=True))
 
     def _host_inputs(self) -> set[str]:

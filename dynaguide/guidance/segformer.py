@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynaguide.errors import ModelFileError
 from dynaguide.guidance.base import available_guides, register_guide
 from dynaguide.guidance.ort import (
     IMAGENET_MEAN,
@@ -39,7 +40,7 @@ from dynaguide.guidance.ort import (
     check_onnx_file,
     check_rgb_image,
     export_onnx,
-    quiet_transformers,
+    load_pretrained,
     read_checkpoint_config,
     read_metadata,
     require_transformers,
@@ -87,15 +88,12 @@ def load_segformer(checkpoint: str | os.PathLike) -> torch.nn.Module:
     """
     read_checkpoint_config(checkpoint, what="segformer checkpoint", model_types=("segformer",))
     transformers = require_transformers()
-    try:
-        with quiet_transformers():
-            model = transformers.SegformerForSemanticSegmentation.from_pretrained(
-                str(checkpoint), local_files_only=True
-            )
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"segformer checkpoint {str(checkpoint)!r}: cannot load weights: {exc}"
-        ) from exc
+    model = load_pretrained(
+        lambda: transformers.SegformerForSemanticSegmentation.from_pretrained(
+            str(checkpoint), local_files_only=True
+        ),
+        f"segformer checkpoint {str(checkpoint)!r}",
+    )
     return model.eval()
 
 
@@ -312,7 +310,9 @@ class SegFormerGuide:
                 raise ValueError(
                     f"segformer guide: {str(path)!r} is a {kind!r} export, not a segformer one"
                 )
-            pre = ImagePreprocessor.from_metadata(meta, defaults=SEGFORMER_DEFAULTS)
+            pre = ImagePreprocessor.from_metadata(
+                meta, defaults=SEGFORMER_DEFAULTS, source=str(onnx_file)
+            )
             sidecar = onnx_file.with_name("preprocessor_config.json")
             if METADATA_PREFIX + "preprocess" not in meta and sidecar.is_file():
                 pre = ImagePreprocessor.from_pretrained(
@@ -320,13 +320,26 @@ class SegFormerGuide:
                 )
             self._session = OrtSession(onnx_file, device=device, threads=threads)
         if size is not None:
-            pre = ImagePreprocessor(**{**pre.__dict__, "size": tuple(int(s) for s in size)})
+            pre = pre.with_size(size, source="segformer guide: size")
         if self._session is not None:
+            self._check_io(str(path))
             fixed = self._session.input_shapes[self._session.input_names[0]][2:]
             if all(isinstance(d, int) for d in fixed):
-                pre = ImagePreprocessor(**{**pre.__dict__, "size": tuple(fixed)})
-            self._post = OrtSession(segformer_postprocess_model(), device=device)
+                pre = pre.with_size(fixed, source=str(path))
+            self._post = OrtSession(
+                segformer_postprocess_model(), device=device, name=f"{path} (logits to labels)"
+            )
         self.preprocessor = pre
+
+    def _check_io(self, source: str) -> None:
+        """One image input of rank 4 and at least one output, or a clear error."""
+        assert self._session is not None
+        shapes = [self._session.input_shapes[n] for n in self._session.input_names]
+        if len(shapes) != 1 or len(shapes[0]) != 4 or not self._session.output_names:
+            raise ModelFileError(
+                f"{source}: expected one (1, 3, H, W) input and a logits output, got inputs "
+                f"{shapes} and outputs {self._session.output_names}"
+            )
 
     def _session_from_folder(
         self, folder: Path, onnx_path: Any, device: str, threads: int | None, verify: bool
