@@ -304,14 +304,14 @@ def paired(a: list[dict], b: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def score(args: argparse.Namespace) -> int:
-    """Stage 2: post-process, score, compare."""
+def _score_images(args: argparse.Namespace, ids: list[str]) -> dict[str, list[dict]]:
+    """Per-image records of every candidate x post-processing over this shard of ``ids``."""
     from dynaguide.eval.datasets import load_bsds_annotations
     from dynaguide.io import load_image
 
-    ids = _items(args.data, args.limit)
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
     table: dict[str, list[dict]] = {}
-    for i in ids:
+    for i in ids[shard::n_shards]:
         rgb = load_image(args.data / "images" / f"{i}.jpg")
         gts = load_bsds_annotations(args.data / "gt" / f"{i}.npz")
         for cand in args.candidates:
@@ -323,6 +323,34 @@ def score(args: argparse.Namespace) -> int:
                 rec["id"] = i
                 table.setdefault(f"{cand}/{post}", []).append(rec)
         print(i, file=sys.stderr, flush=True)
+    return table
+
+
+def _merge_parts(parts: list[Path], ids: list[str]) -> dict[str, list[dict]]:
+    """Per-image records of several ``--part`` files, in the order of ``ids``."""
+    merged: dict[str, dict[str, dict]] = {}
+    for part in parts:
+        for key, recs in json.loads(part.read_text()).items():
+            merged.setdefault(key, {}).update({r["id"]: r for r in recs})
+    table = {}
+    for key, by_id in merged.items():
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise SystemExit(f"{key}: no record for {len(missing)} images, e.g. {missing[0]}")
+        table[key] = [by_id[i] for i in ids]
+    return table
+
+
+def score(args: argparse.Namespace) -> int:
+    """Stage 2: post-process, score (or merge scored parts), compare."""
+    ids = _items(args.data, args.limit)
+    if args.merge:
+        table = _merge_parts(args.merge, ids)
+    else:
+        table = _score_images(args, ids)
+        if args.part:
+            args.part.write_text(json.dumps(table))
+            return 0
     rows = {key: _dataset(recs) for key, recs in table.items()}
     comparisons = {}
     for base in args.baseline:
@@ -402,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--post", nargs="+", default=["raw", "cc"])
             p.add_argument("--baseline", nargs="*", default=[])
             p.add_argument("--json", type=Path, default=None)
+            p.add_argument("--shard", default="0/1", help="I/N: score every N-th image only")
+            p.add_argument("--part", type=Path, default=None, help="write this shard's records")
+            p.add_argument("--merge", type=Path, nargs="*", default=None, help="merge parts")
     args = ap.parse_args(argv)
     return segment(args) if args.cmd == "segment" else score(args)
 

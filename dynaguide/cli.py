@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -71,6 +72,30 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _pixels(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a pixel count >= 4 or 'none', got {text!r}"
+        ) from None
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"expected a pixel count >= 4 or 'none', got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
 
 
@@ -145,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-iter", type=_positive_int, default=None, help="iteration budget")
     seg.add_argument(
         "--scale", type=_scale, default=None, help="refine at this fraction of the size"
+    )
+    seg.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=None,
+        metavar="N|none",
+        help="refine images above N pixels at a reduced size ('none': full size, which may "
+        "not fit in memory); default: the preset's",
+    )
+    seg.add_argument(
+        "--work-pixels",
+        type=_pixels,
+        default=None,
+        metavar="N",
+        help="train the network at about N pixels and carry the result to full size",
+    )
+    seg.add_argument(
+        "--time-budget",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop each image's refinement after this wall-clock time",
     )
     seg.add_argument("--seed", type=int, default=0, help="network initialisation seed")
     seg.add_argument("--recursive", action="store_true", help="also read sub-folders of IN")
@@ -292,6 +339,10 @@ def _segment_kwargs(args: argparse.Namespace, guidance: Any) -> dict[str, Any]:
     }
     if args.guide_option:
         kwargs["guidance_options"] = dict(args.guide_option)
+    for field in ("max_pixels", "work_pixels", "time_budget"):
+        value = getattr(args, field, None)
+        if value is not None:
+            kwargs[field] = None if value == "none" else value
     return kwargs
 
 

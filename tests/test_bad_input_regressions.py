@@ -73,7 +73,7 @@ def test_pixel_budget_refuses_before_decoding(tmp_path: Path, monkeypatch) -> No
 def test_large_downscale_is_reduced_first_and_small_ones_unchanged() -> None:
     from skimage.transform import resize
 
-    from dynaguide.api import _resize_image
+    from dynaguide.pipeline import resize_image as _resize_image
     from dynaguide.io import reduce_for_resize
 
     small = _img(300, 200)

@@ -358,3 +358,18 @@ def test_end_to_end_real_segment(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert meta["n_labels"] == len(np.unique(labels))
     assert meta["image_shape"] == [20, 24, 3]
     assert meta["config"]["name"] == DEFAULT_PRESET
+
+
+def test_size_and_time_flags_reach_segment(tmp_path: Path, calls: list[dict[str, Any]]) -> None:
+    img = _write_image(tmp_path / "one.png")
+    argv = ["segment", str(img), str(tmp_path / "o"), "--quiet", "--max-pixels", "5000",
+            "--work-pixels", "400", "--time-budget", "2.5"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert calls[-1]["max_pixels"] == 5000 and calls[-1]["work_pixels"] == 400
+    assert calls[-1]["time_budget"] == 2.5
+    assert cli.main(["segment", str(img), str(tmp_path / "o2"), "--quiet", "--max-pixels",
+                     "none"]) == 0  # fmt: skip
+    assert calls[-1]["max_pixels"] is None
+    for bad in (["--max-pixels", "3"], ["--time-budget", "0"], ["--work-pixels", "x"]):
+        with pytest.raises(SystemExit):
+            cli.main(["segment", str(img), str(tmp_path / "o3"), *bad])
