@@ -205,7 +205,7 @@ class RefineStep:
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            response = self.model(self.x)[0]
+            response = self.model(self.x).squeeze(0)  # a view whose backward is a view
         if self.fused is not None and (self.aligner is None or self.prev_labels is not None):
             # One fused kernel pair for the whole objective; the guide alignment is refreshed
             # from the previous iteration's labels (the current ones come out of the kernel).
