@@ -12,6 +12,7 @@
 #include "common.h"
 #include "labels.h"
 #include "losses.h"
+#include "norm.h"
 #ifdef DYNAGUIDE_WITH_CUDA
 #include "labels_cuda.h"
 #endif
@@ -147,6 +148,32 @@ View per_image(const OutArray &a, const View &x, DType d, const char *name) {
     expect_contiguous(v, name);
     expect_shape(v, {x.shape[0]}, name);
     return v;
+}
+
+// (M, C) activation matrix of the fused ReLU + BatchNorm: float, unit channel stride.
+template <typename A>
+View norm_matrix(const A &a, const char *name, DType dtype, int64_t M, int64_t C) {
+    View v = to_view(a, name, 2, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_shape(v, {M, C}, name);
+    if (C > 1 && v.strides[1] != 1) dg::fail(std::string(name) + " must have unit channel stride");
+    return v;
+}
+
+template <typename A>
+View norm_channels(const A &a, const char *name, DType dtype, int64_t C) {
+    View v = to_view(a, name, 1, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_shape(v, {C}, name);
+    return v;
+}
+
+double *norm_out(const OutArray &a, const char *name, int64_t C) {
+    View v = to_view(a, name, 1, nb::device::cpu::value);
+    expect_dtype(v, DType::F64, name);
+    expect_contiguous(v, name);
+    expect_shape(v, {C}, name);
+    return v.ptr<double>();
 }
 
 }  // namespace
@@ -325,4 +352,51 @@ NB_MODULE(_native, m) {
         },
         nb::arg("response"), nb::arg("target"), nb::arg("ignore_index"), nb::arg("grad").none(),
         nb::arg("loss"), "Per-image guidance cross-entropy and (optionally) its gradient.");
+
+    // ------------------------------------------------------------- ReLU + BatchNorm
+    m.def(
+        "relu_bn_forward",
+        [](InArray z, bool relu, InArray gamma, InArray beta, double eps, OutArray y, OutArray mean,
+           OutArray var, OutArray invstd) {
+            View zv = to_view(z, "z", 2, nb::device::cpu::value);
+            expect_float(zv, "z");
+            const int64_t M = zv.shape[0], C = zv.shape[1];
+            if (M < 1 || C < 1) dg::fail("z is empty");
+            zv = norm_matrix(z, "z", zv.dtype, M, C);
+            View yv = norm_matrix(y, "y", zv.dtype, M, C);
+            View gv = norm_channels(gamma, "gamma", zv.dtype, C);
+            View bv = norm_channels(beta, "beta", zv.dtype, C);
+            double *mp = norm_out(mean, "mean", C), *vp = norm_out(var, "var", C),
+                   *ip = norm_out(invstd, "invstd", C);
+            nb::gil_scoped_release release;
+            dg::relu_bn_forward_cpu(zv, relu, gv, bv, eps, yv, mp, vp, ip);
+        },
+        nb::arg("z"), nb::arg("relu"), nb::arg("gamma"), nb::arg("beta"), nb::arg("eps"), nb::arg("y"),
+        nb::arg("mean"), nb::arg("var"), nb::arg("invstd"),
+        "y = BatchNorm(relu(z)) with batch statistics over the rows of a (M, C) matrix; writes the "
+        "float64 batch mean, biased variance and 1/sqrt(var + eps).");
+
+    m.def(
+        "relu_bn_backward",
+        [](InArray z, InArray gy, bool relu, InArray gamma, InArray mean, InArray invstd, OutArray dz,
+           OutArray dgamma, OutArray dbeta) {
+            View zv = to_view(z, "z", 2, nb::device::cpu::value);
+            expect_float(zv, "z");
+            const int64_t M = zv.shape[0], C = zv.shape[1];
+            if (M < 1 || C < 1) dg::fail("z is empty");
+            zv = norm_matrix(z, "z", zv.dtype, M, C);
+            View gyv = norm_matrix(gy, "gy", zv.dtype, M, C);
+            View dzv = norm_matrix(dz, "dz", zv.dtype, M, C);
+            View gv = norm_channels(gamma, "gamma", zv.dtype, C);
+            View mv = norm_channels(mean, "mean", DType::F64, C);
+            View iv = norm_channels(invstd, "invstd", DType::F64, C);
+            expect_contiguous(mv, "mean");
+            expect_contiguous(iv, "invstd");
+            double *dg_ = norm_out(dgamma, "dgamma", C), *db = norm_out(dbeta, "dbeta", C);
+            nb::gil_scoped_release release;
+            dg::relu_bn_backward_cpu(zv, gyv, relu, gv, mv.ptr<double>(), iv.ptr<double>(), dzv, dg_, db);
+        },
+        nb::arg("z"), nb::arg("gy"), nb::arg("relu"), nb::arg("gamma"), nb::arg("mean"), nb::arg("invstd"),
+        nb::arg("dz"), nb::arg("dgamma"), nb::arg("dbeta"),
+        "Gradient of relu_bn_forward: dz (M, C) and the float64 gamma and beta gradients.");
 }

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from dynaguide.config import RefineConfig
+from dynaguide.input_conv import InputPatches, input_conv
+from dynaguide.norm import relu_batch_norm
 
 
 class RefineNet(nn.Module):
@@ -48,18 +50,19 @@ class RefineNet(nn.Module):
         self.skip = nn.Conv2d(in_channels, n_channels, 3, padding=1) if skip == "separate" else None
         self.classifier = nn.Conv2d(n_channels, n_channels, 1)
         self.out_norm = nn.BatchNorm2d(n_channels)
+        self._patches = InputPatches()  # im2col of the input image, for the weight gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Response map of ``x`` (N, 3, H, W) -> (N, C, H, W)."""
-        first = self.convs[0](x)
-        h = self.norms[0](torch.relu(first))
+        first = input_conv(x, self.convs[0], self._patches)
+        h = relu_batch_norm(first, self.norms[0])
         for conv, norm in zip(self.convs[1:], self.norms[1:], strict=True):
-            h = norm(torch.relu(conv(h)))
+            h = relu_batch_norm(conv(h), norm)
         if self.skip_mode == "shared":
             h = h + first
         elif self.skip is not None:
-            h = h + self.skip(x)
-        return self.out_norm(self.classifier(h))
+            h = h + input_conv(x, self.skip, self._patches)
+        return relu_batch_norm(self.classifier(h), self.out_norm, relu=False)
 
 
 def build_model(
