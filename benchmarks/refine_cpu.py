@@ -11,7 +11,10 @@ Three paths, side by side in one run, each with the preset's network and objecti
                   loop over the label values;
   * reference:    this library with the plain torch losses and NCHW convolutions;
   * default:      this library as ``refine`` runs it on CPU (channels-last, fused ReLU +
-                  BatchNorm, native fused losses).
+                  BatchNorm, input-conv weight gradients by GEMM, native fused losses,
+                  freed activation blocks kept in the process: dynaguide.cpu_heap).
+The authors' loop is timed twice: as it runs on its own (glibc defaults) and with the
+same heap reuse as the library (authors_loop_heap_reuse).
 Median of several iterations after warm-up, the paths taking turns iteration by
 iteration; the compute floor is ~96 GFLOP per
 iteration (``dynaguide.model.conv_flops_per_pixel``) over the fp32 matmul rate measured in
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynaguide import cpu_heap
 from dynaguide.benchmarking import matmul_rate, summarize, write_results
 from dynaguide.config import RefineConfig, get_preset
 from dynaguide.guidance import compute_guide_labels
@@ -179,8 +183,18 @@ def main() -> None:
     guide, _ = compute_guide_labels(cfg.default_guidance, image)
     cpu = torch.device("cpu")
 
+    # The authors' loop runs as it runs without this library (glibc returns the freed
+    # activation blocks to the system after every iteration; cpu_heap.paused), and once more
+    # with the library's heap reuse, to show what that setting alone is worth.
+    authors = AuthorsLoop(image, guide, cfg, seed=0)
+
+    def authors_as_released() -> float:
+        with cpu_heap.paused():
+            return authors.step()
+
     steps = {
-        "authors_loop": (AuthorsLoop(image, guide, cfg, seed=0).step, {"layout": "NCHW"}),
+        "authors_loop": (authors_as_released, {"layout": "NCHW", "heap_reuse": "False"}),
+        "authors_loop_heap_reuse": (authors.step, {"layout": "NCHW", "heap_reuse": "True"}),
     }
     lib_paths = {
         "reference": {"backend": "torch", "channels_last": False},
@@ -188,7 +202,7 @@ def main() -> None:
     }
     for name, opts in lib_paths.items():
         step = RefineStep(image, cfg, guide_labels=guide, device=cpu, seed=0, **opts)
-        steps[name] = (step.step, {k: str(v) for k, v in opts.items()})
+        steps[name] = (step.step, {**{k: str(v) for k, v in opts.items()}, "heap_reuse": "True"})
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     # Round robin: one iteration of each path in turn, so that a change of machine load
     # during the run affects every path alike (the ratios are what this benchmark is for).
@@ -216,6 +230,8 @@ def main() -> None:
     speedup = med("authors_loop") / med("default")
     print(f"speedup default vs authors' loop: {speedup:.2f}x")
     print(f"speedup default vs reference path: {med('reference') / med('default'):.2f}x")
+    reuse = med("authors_loop_heap_reuse") / med("default")
+    print(f"speedup default vs authors' loop with the same heap reuse: {reuse:.2f}x")
     print(
         f"compute floor: {gflop:.1f} GFLOP/iter at {rate / 1e9:.0f} GFLOP/s (fp32 matmul, this run) = {floor:.3f} s/iter"
     )
@@ -231,6 +247,7 @@ def main() -> None:
         "paths": figures,
         "speedup_default_vs_authors_loop": speedup,
         "speedup_default_vs_reference": med("reference") / med("default"),
+        "speedup_default_vs_authors_loop_heap_reuse": reuse,
         "gflop_per_iter": gflop,
         "matmul_gflops": rate / 1e9,
         "floor_seconds_per_iter": floor,

@@ -11,6 +11,7 @@ number costs nothing) and every ``config.check_every`` iterations on CUDA.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 
 from dynaguide import losses
 from dynaguide.config import RefineConfig
+from dynaguide.cpu_heap import HeapReuse
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
 
@@ -192,6 +194,8 @@ class RefineStep:
             self.aligner = GuideAligner(g, config.n_channels, config.alignment)
         self.fused = _fused_objective(device, backend)
         self.prev_labels: torch.Tensor | None = None
+        if device.type == "cpu":  # freed activation blocks stay for the next iteration
+            weakref.finalize(self, HeapReuse().close)
 
     def step(
         self, *, refresh_alignment: bool = True, zero_grad: bool = True

@@ -79,5 +79,5 @@ def test_refine_cpu_script_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     _load("refine_cpu").main()
     data = json.loads((tmp_path / "refine_cpu-cpu.json").read_text())
-    assert set(data["paths"]) == {"authors_loop", "reference", "default"}
+    assert set(data["paths"]) == {"authors_loop", "authors_loop_heap_reuse", "reference", "default"}
     assert data["speedup_default_vs_authors_loop"] > 0
