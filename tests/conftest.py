@@ -22,3 +22,15 @@ def pytest_report_header(config):
     return [f"dynaguide {dynaguide.__version__} from {os.path.dirname(dynaguide.__file__)}"] + [
         f"  {k}: {v}" for k, v in report.items()
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped with that reason without one."""
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
