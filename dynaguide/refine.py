@@ -21,6 +21,7 @@ import torch
 from dynaguide import losses
 from dynaguide.config import RefineConfig
 from dynaguide.cpu_heap import HeapReuse
+from dynaguide.cuda_graph import CudaGraphStep
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
 
@@ -230,51 +231,19 @@ class RefineStep:
         self.prev_labels = labels
         return loss.detach(), labels, k
 
+    @torch.no_grad()
+    def peek_labels(self) -> torch.Tensor:
+        """Argmax labels (H, W) of the current network, without training side effects.
 
-class CudaGraphStep:
-    """Replays a whole :class:`RefineStep` iteration (forward, losses, backward, SGD) as a CUDA graph.
-
-    The first ``warmup`` iterations run eagerly on a side stream (allocator and library
-    warm-up; they are real iterations of the run), the next one is captured, and every
-    later call replays the graph. The guide target is a static buffer that
-    :class:`GuideAligner` updates in place between replays; the reference (sorted-id)
-    alignment reads the live label set on the host and cannot be captured.
-    """
-
-    def __init__(self, state: RefineStep, *, warmup: int = 3):
-        if state.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {state.device}")
-        if state.aligner is not None and state.aligner.mode == "reference":
-            raise ValueError("the 'reference' guide alignment cannot be captured in a CUDA graph")
-        self.state = state
-        self.warmup = warmup
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(
-        self, *, refresh_alignment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one iteration; returns the static (loss, labels, K) tensors."""
-        state = self.state
-        self.calls += 1
-        if self.graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(device=state.device)
-            side.wait_stream(torch.cuda.current_stream(state.device))
-            with torch.cuda.stream(side):
-                out = state.step(refresh_alignment=refresh_alignment)
-            torch.cuda.current_stream(state.device).wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            state.opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.static = state.step(refresh_alignment=False, zero_grad=False)
-        elif refresh_alignment and state.aligner is not None and self.static is not None:
-            state.aligner.target(self.static[1], refresh=True)  # in-place buffer update
-        self.graph.replay()
-        assert self.static is not None
-        return self.static
+        The same labels as the next training forward (train-mode BatchNorm with batch
+        statistics); the running statistics that forward updates are restored.
+        """
+        buffers = [b.clone() for b in self.model.buffers()]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            labels = self.model(self.x).squeeze(0).argmax(dim=0)
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        return labels
 
 
 def _fused_objective(device: torch.device, backend: str | None) -> Callable | None:
