@@ -91,15 +91,23 @@ class AuthorsNet(nn.Module):
 class AuthorsLoop:
     """One training iteration of the released loop (forward, losses, backward, SGD step)."""
 
-    def __init__(self, image: np.ndarray, guide: np.ndarray | None, cfg: RefineConfig, seed: int):
+    def __init__(
+        self,
+        image: np.ndarray,
+        guide: np.ndarray | None,
+        cfg: RefineConfig,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ):
         self.cfg = cfg
+        self.device = torch.device(device)
         x = torch.from_numpy(
             np.ascontiguousarray(image[..., ::-1] if cfg.input_order == "bgr" else image)
         )
-        self.x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        self.x = (x.permute(2, 0, 1).unsqueeze(0).float() / 255.0).to(self.device)
         self.model = AuthorsNet(cfg)
         self.model.load_from(build_model(cfg, seed=seed))
-        self.model.train()
+        self.model.to(self.device).train()
         self.opt = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -108,9 +116,9 @@ class AuthorsLoop:
         h, w = image.shape[:2]
         c = cfg.n_channels
         self.zeros = {
-            "y": torch.zeros(h - 1, w, c),
-            "x": torch.zeros(h, w - 1, c),
-            "d": torch.zeros(h - 1, w - 1, c),
+            "y": torch.zeros(h - 1, w, c, device=self.device),
+            "x": torch.zeros(h, w - 1, c, device=self.device),
+            "d": torch.zeros(h - 1, w - 1, c, device=self.device),
         }
         self.guide = None if guide is None else np.asarray(guide).reshape(-1)
 
@@ -120,7 +128,7 @@ class AuthorsLoop:
         out = np.zeros_like(self.guide)
         for i, value in enumerate(np.unique(self.guide)):
             out[self.guide == value] = live[i % len(live)]
-        return torch.from_numpy(out.astype(np.int64))
+        return torch.from_numpy(out.astype(np.int64)).to(self.device)
 
     def step(self) -> float:
         cfg = self.cfg

@@ -81,3 +81,28 @@ def test_refine_cpu_script_tiny(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "refine_cpu-cpu.json").read_text())
     assert set(data["paths"]) == {"authors_loop", "authors_loop_heap_reuse", "reference", "default"}
     assert data["speedup_default_vs_authors_loop"] > 0
+
+
+def test_gpu_check_tiny_dry_run(tmp_path):
+    """--tiny runs every section at tiny sizes (CUDA-only ones record that they were
+    skipped) and writes one JSON; without CUDA and without --tiny the script refuses."""
+    import torch
+
+    module = _load("gpu_check")
+    if not torch.cuda.is_available():
+        assert module.main(["--out", str(tmp_path)]) == 2
+    assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-check-*.json")
+    data = json.loads(path.read_text())
+    assert set(data["sections"]) == set(module.SECTIONS)
+    assert data["environment"]["command"] and data["environment"]["commit"]
+    sec = data["sections"]
+    assert all("error" not in v for v in sec.values()), {k: v.get("error") for k, v in sec.items()}
+    cases = {k: v for k, v in sec["fp64"].items() if isinstance(v, dict)}
+    assert len(cases) == 2
+    for case in cases.values():
+        assert case["labels_equal"] and case["k_equal"]
+    f32 = next(v for k, v in cases.items() if k.startswith("float32"))
+    assert f32["loss_max_rel_err"] < 1e-5 and f32["grad_max_norm_rel_err"] < 1e-5
+    assert sec["refine"]["paths"]["eager_fused"]["n_iter"] == sec["refine"]["iterations"]
+    assert sec["tests"]["pytest -m gpu (tiny: one module)"]["returncode"] == 0
