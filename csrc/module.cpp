@@ -220,8 +220,8 @@ NB_MODULE(_native, m) {
     // ------------------------------------------------------------- ReLU + BatchNorm
     m.def(
         "relu_bn_forward",
-        [](InArray z, bool relu, InArray gamma, InArray beta, double eps, OutArray y, OutArray mean,
-           OutArray var, OutArray invstd) {
+        [](InArray z, bool relu, InArray gamma, InArray beta, double eps, std::optional<InArray> residual,
+           OutArray y, OutArray mean, OutArray var, OutArray invstd) {
             View zv = to_view(z, "z", 2, nb::device::cpu::value);
             expect_float(zv, "z");
             const int64_t M = zv.shape[0], C = zv.shape[1];
@@ -230,15 +230,17 @@ NB_MODULE(_native, m) {
             View yv = norm_matrix(y, "y", zv.dtype, M, C);
             View gv = norm_channels(gamma, "gamma", zv.dtype, C);
             View bv = norm_channels(beta, "beta", zv.dtype, C);
+            View rv;
+            if (residual) rv = norm_matrix(*residual, "residual", zv.dtype, M, C);
             double *mp = norm_out(mean, "mean", C), *vp = norm_out(var, "var", C),
                    *ip = norm_out(invstd, "invstd", C);
             nb::gil_scoped_release release;
-            dg::relu_bn_forward_cpu(zv, relu, gv, bv, eps, yv, mp, vp, ip);
+            dg::relu_bn_forward_cpu(zv, relu, gv, bv, eps, residual ? &rv : nullptr, yv, mp, vp, ip);
         },
-        nb::arg("z"), nb::arg("relu"), nb::arg("gamma"), nb::arg("beta"), nb::arg("eps"), nb::arg("y"),
-        nb::arg("mean"), nb::arg("var"), nb::arg("invstd"),
-        "y = BatchNorm(relu(z)) with batch statistics over the rows of a (M, C) matrix; writes the "
-        "float64 batch mean, biased variance and 1/sqrt(var + eps).");
+        nb::arg("z"), nb::arg("relu"), nb::arg("gamma"), nb::arg("beta"), nb::arg("eps"),
+        nb::arg("residual").none(), nb::arg("y"), nb::arg("mean"), nb::arg("var"), nb::arg("invstd"),
+        "y = BatchNorm(relu(z)) (+ residual) with batch statistics over the rows of a (M, C) matrix; "
+        "writes the float64 batch mean, biased variance and 1/sqrt(var + eps).");
 
     m.def(
         "relu_bn_backward",

@@ -18,9 +18,11 @@
 namespace dg {
 
 // z, y: (M, C) float32/float64 views with unit channel stride; gamma, beta: (C,) of z's
-// dtype; mean, var, invstd: (C,) float64 outputs (var biased).
+// dtype; mean, var, invstd: (C,) float64 outputs (var biased). With `residual` (an (M, C)
+// view like z, or null) y = BatchNorm(a) + residual, written in the same pass.
 void relu_bn_forward_cpu(const View &z, bool relu, const View &gamma, const View &beta, double eps,
-                         const View &y, double *mean, double *var, double *invstd);
+                         const View *residual, const View &y, double *mean, double *var,
+                         double *invstd);
 
 // gy, dz: (M, C) views like z; dgamma, dbeta: (C,) float64 outputs.
 void relu_bn_backward_cpu(const View &z, const View &gy, bool relu, const View &gamma,

@@ -49,8 +49,8 @@ void blocked_channel_sums(int64_t M, int64_t C, Block &&block, double *s1, doubl
 }
 
 template <typename T>
-void forward(const View &z, bool relu, const View &gamma, const View &beta, double eps, const View &y,
-             double *mean, double *var, double *invstd) {
+void forward(const View &z, bool relu, const View &gamma, const View &beta, double eps,
+             const View *residual, const View &y, double *mean, double *var, double *invstd) {
     const int64_t M = z.shape[0], C = z.shape[1];
     std::vector<double> s(C), ss(C);
     blocked_channel_sums(
@@ -84,7 +84,12 @@ void forward(const View &z, bool relu, const View &gamma, const View &beta, doub
     for (int64_t r = 0; r < M; ++r) {
         const T *zr = row<T>(z, r);
         T *yr = row<T>(y, r);
-        for (int64_t c = 0; c < C; ++c) yr[c] = act(zr[c], relu) * sc[c] + sh[c];
+        if (residual != nullptr) {
+            const T *sr = row<T>(*residual, r);
+            for (int64_t c = 0; c < C; ++c) yr[c] = act(zr[c], relu) * sc[c] + sh[c] + sr[c];
+        } else {
+            for (int64_t c = 0; c < C; ++c) yr[c] = act(zr[c], relu) * sc[c] + sh[c];
+        }
     }
 }
 
@@ -139,9 +144,10 @@ void backward(const View &z, const View &gy, bool relu, const View &gamma, const
 }  // namespace
 
 void relu_bn_forward_cpu(const View &z, bool relu, const View &gamma, const View &beta, double eps,
-                         const View &y, double *mean, double *var, double *invstd) {
+                         const View *residual, const View &y, double *mean, double *var,
+                         double *invstd) {
     dispatch_float(z.dtype, [&](auto t) {
-        forward<decltype(t)>(z, relu, gamma, beta, eps, y, mean, var, invstd);
+        forward<decltype(t)>(z, relu, gamma, beta, eps, residual, y, mean, var, invstd);
     });
 }
 

@@ -55,13 +55,17 @@ class RefineNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Response map of ``x`` (N, 3, H, W) -> (N, C, H, W)."""
         first = input_conv(x, self.convs[0], self._patches)
-        h = relu_batch_norm(first, self.norms[0])
-        for conv, norm in zip(self.convs[1:], self.norms[1:], strict=True):
-            h = relu_batch_norm(conv(h), norm)
+        skip = None
         if self.skip_mode == "shared":
-            h = h + first
+            skip = first
         elif self.skip is not None:
-            h = h + input_conv(x, self.skip, self._patches)
+            skip = input_conv(x, self.skip, self._patches)
+        last = len(self.convs) - 1
+        h = first  # (the input of block 1; block 0 takes `first` directly)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            z = first if i == 0 else conv(h)
+            # the skip branch is added to the last block's output (in its normalisation pass)
+            h = relu_batch_norm(z, norm, residual=skip if i == last else None)
         return relu_batch_norm(self.classifier(h), self.out_norm, relu=False)
 
 

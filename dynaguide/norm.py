@@ -77,19 +77,26 @@ def _usable(z: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
 
 
 class _ReluBatchNorm(torch.autograd.Function):
-    """autograd Function: inputs (z, gamma, beta), outputs (y, batch mean, biased var)."""
+    """autograd Function: inputs (z, gamma, beta, residual), outputs (y, batch mean, biased var)."""
 
     @staticmethod
     def forward(
-        ctx: Any, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, relu: bool, eps: float
+        ctx: Any,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        residual: torch.Tensor | None,
+        relu: bool,
+        eps: float,
     ) -> Any:
         nat = _native()
         c = z.shape[1]
         zm = _rows(z)
         y = torch.empty_like(z, memory_format=torch.channels_last)
         stats = torch.empty((3, c), dtype=torch.float64)
+        res = None if residual is None else _rows(residual.detach())
         nat.relu_bn_forward(
-            zm, relu, gamma.detach(), beta.detach(), float(eps), _rows(y), *stats.unbind(0)
+            zm, relu, gamma.detach(), beta.detach(), float(eps), res, _rows(y), *stats.unbind(0)
         )
         mean, var, invstd = stats.unbind(0)
         ctx.relu = relu
@@ -115,6 +122,7 @@ class _ReluBatchNorm(torch.autograd.Function):
             dz if ctx.needs_input_grad[0] else None,
             dgamma if ctx.needs_input_grad[1] else None,
             dbeta if ctx.needs_input_grad[2] else None,
+            gy if ctx.needs_input_grad[3] else None,  # d(y)/d(residual) = identity
             None,
             None,
         )
@@ -137,8 +145,15 @@ def _update_running_stats(
         rv.copy_((rv.double() * (1.0 - factor) + unbiased * factor).to(rv.dtype))
 
 
-def relu_batch_norm(z: torch.Tensor, norm: nn.BatchNorm2d, *, relu: bool = True) -> torch.Tensor:
-    """``norm(torch.relu(z))`` (``norm(z)`` with ``relu=False``), fused on CPU where possible.
+def relu_batch_norm(
+    z: torch.Tensor,
+    norm: nn.BatchNorm2d,
+    *,
+    relu: bool = True,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``norm(torch.relu(z))`` (``norm(z)`` with ``relu=False``) ``+ residual`` if given,
+    fused on CPU where possible.
 
     Parameters
     ----------
@@ -149,13 +164,20 @@ def relu_batch_norm(z: torch.Tensor, norm: nn.BatchNorm2d, *, relu: bool = True)
         training mode) exactly as calling the module would.
     relu : bool
         Apply ReLU before the normalisation.
+    residual : Tensor (N, C, H, W), optional
+        Added to the output (a skip branch), in the same pass on the fused path.
 
     Returns
     -------
     Tensor (N, C, H, W), channels-last on the fused path.
     """
-    if not _usable(z, norm):
-        return norm(torch.relu(z) if relu else z)
-    y, mean, var = _ReluBatchNorm.apply(z, norm.weight, norm.bias, relu, norm.eps)
+    fused = _usable(z, norm) and (
+        residual is None
+        or (residual.shape == z.shape and residual.dtype == z.dtype and _rows(residual) is not None)
+    )
+    if not fused:
+        y = norm(torch.relu(z) if relu else z)
+        return y if residual is None else y + residual
+    y, mean, var = _ReluBatchNorm.apply(z, norm.weight, norm.bias, residual, relu, norm.eps)
     _update_running_stats(norm, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
     return y

@@ -72,6 +72,26 @@ def test_relu_batch_norm_matches_the_modules(relu, shape):
         ref = _run(module, z64, gy64, ref_bn)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_residual_is_added_in_the_normalisation_pass(fast):
+    """relu_batch_norm(z, bn, residual=s) = bn(relu(z)) + s, gradients to z and s included
+    (``fast=False``: a planar residual takes the module path)."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 6, 7, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=CL)
+    s = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    s = s.contiguous(memory_format=CL) if fast else s.contiguous()
+    gy = torch.randn(z.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=CL)
+    outs = []
+    for use_fused in (True, False):
+        zz, ss = z.clone().requires_grad_(), s.clone().requires_grad_()
+        bn = _bn(6, torch.float64, 5)
+        y = relu_batch_norm(zz, bn, residual=ss) if use_fused else bn(torch.relu(zz)) + ss
+        y.backward(gy)
+        outs.append((y.detach(), zz.grad, ss.grad, bn.weight.grad, bn.running_var))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_cumulative_average_when_momentum_is_none():
     z = torch.randn(1, 4, 5, 6).contiguous(memory_format=CL)
     a, b = _bn(4, torch.float64, 2, momentum=None), _bn(4, torch.float64, 2, momentum=None)
