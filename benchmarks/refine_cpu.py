@@ -12,7 +12,7 @@ Three paths, side by side in one run, each with the preset's network and objecti
   * reference:    this library with the plain torch losses and NCHW convolutions;
   * default:      this library as ``refine`` runs it on CPU (channels-last, fused ReLU +
                   BatchNorm, input-conv weight gradients by GEMM, native fused losses,
-                  freed activation blocks kept in the process: dynaguide.cpu_heap).
+                  freed activation blocks kept in the process: dynaguide.cpu_runtime).
 The authors' loop is timed twice: as it runs on its own (glibc defaults) and with the
 same heap reuse as the library (authors_loop_heap_reuse).
 Median of several iterations after warm-up, the paths taking turns iteration by
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynaguide import cpu_heap
+from dynaguide import cpu_runtime
 from dynaguide.benchmarking import matmul_rate, summarize, write_results
 from dynaguide.config import RefineConfig, get_preset
 from dynaguide.guidance import compute_guide_labels
@@ -192,12 +192,12 @@ def main() -> None:
     cpu = torch.device("cpu")
 
     # The authors' loop runs as it runs without this library (glibc returns the freed
-    # activation blocks to the system after every iteration; cpu_heap.paused), and once more
+    # activation blocks to the system after every iteration; cpu_runtime.paused), and once more
     # with the library's heap reuse, to show what that setting alone is worth.
     authors = AuthorsLoop(image, guide, cfg, seed=0)
 
     def authors_as_released() -> float:
-        with cpu_heap.paused():
+        with cpu_runtime.paused():
             return authors.step()
 
     steps = {

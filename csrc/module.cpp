@@ -37,7 +37,8 @@ View loss_input(const InArray &a) {
     return x;
 }
 
-View per_image(const OutArray &a, const View &x, DType d, const char *name) {
+template <typename A>
+View per_image(const A &a, const View &x, DType d, const char *name) {
     View v = to_view(a, name, 1, nb::device::cpu::value);
     expect_dtype(v, d, name);
     expect_contiguous(v, name);
@@ -166,7 +167,7 @@ NB_MODULE(_native, m) {
 
     m.def(
         "continuity_backward",
-        [](InArray x, bool l1, int neighbors, double delta, InArray scale, OutArray grad) {
+        [](InArray x, bool l1, int neighbors, double delta, InArray scale, OutArray grad, bool accumulate) {
             View xv = loss_input(x);
             View sv = to_view(scale, "scale", 1, nb::device::cpu::value);
             expect_dtype(sv, DType::F64, "scale");
@@ -175,10 +176,40 @@ NB_MODULE(_native, m) {
             View gv = to_view(grad, "grad", 4, nb::device::cpu::value);
             if (neighbors != 4 && neighbors != 8) dg::fail("neighbors must be 4 or 8");
             nb::gil_scoped_release release;
-            dg::continuity_backward_cpu(xv, l1, neighbors, delta, sv.ptr<double>(), gv);
+            dg::continuity_backward_cpu(xv, l1, neighbors, delta, sv.ptr<double>(), gv, accumulate);
         },
         nb::arg("response"), nb::arg("l1"), nb::arg("neighbors"), nb::arg("delta"), nb::arg("scale"),
-        nb::arg("grad"), "grad[n] = scale[n] * d(continuity_n)/d(response[n]).");
+        nb::arg("grad"), nb::arg("accumulate") = false,
+        "grad[n] = scale[n] * d(continuity_n)/d(response[n]) (grad[n] += ... with accumulate).");
+
+    m.def(
+        "ce_pair_forward",
+        [](InArray x, InArray labels, std::optional<InArray> target, int64_t ignore_index, InArray a,
+           InArray b, OutArray grad, OutArray guide_loss) {
+            const int cpu = nb::device::cpu::value;
+            View xv = loss_input(x);
+            View lv = to_view(labels, "labels", 3, cpu);
+            expect_dtype(lv, DType::I64, "labels");
+            expect_contiguous(lv, "labels");
+            expect_shape(lv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "labels");
+            View tv;
+            if (target) {
+                tv = to_view(*target, "target", 3, cpu);
+                expect_dtype(tv, DType::I64, "target");
+                expect_contiguous(tv, "target");
+                expect_shape(tv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "target");
+            }
+            View av = per_image(a, xv, DType::F64, "a"), bv = per_image(b, xv, DType::F64, "b");
+            View gv = to_view(grad, "grad", 4, cpu);
+            View loss_v = per_image(guide_loss, xv, DType::F64, "guide_loss");
+            nb::gil_scoped_release release;
+            dg::ce_pair_forward_cpu(xv, lv, target ? &tv : nullptr, ignore_index, av.ptr<double>(),
+                                    bv.ptr<double>(), gv, loss_v.ptr<double>());
+        },
+        nb::arg("response"), nb::arg("labels"), nb::arg("target").none(), nb::arg("ignore_index"),
+        nb::arg("a"), nb::arg("b"), nb::arg("grad"), nb::arg("guide_loss"),
+        "Similarity + guidance cross-entropy gradient a*(p - onehot(label)) + "
+        "b/V*valid*(p - onehot(target)) of a channels-last response, and the guidance loss.");
 
     m.def(
         "similarity_forward",

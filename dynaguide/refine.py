@@ -10,6 +10,7 @@ number costs nothing) and every ``config.check_every`` iterations on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynaguide import losses
+from dynaguide import losses, native_objective
 from dynaguide.config import RefineConfig
-from dynaguide.cpu_heap import HeapReuse
+from dynaguide.cpu_runtime import HeapReuse, serial
 from dynaguide.cuda_graph import CudaGraphStep
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
@@ -104,9 +105,18 @@ def objective(
     """``sim + w(K_eff) * continuity (+ guidance)`` from the three separate losses.
 
     ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
-    guidance). Returns (loss, labels, K) as device tensors.
+    guidance). Returns (loss, labels, K) as device tensors. On CPU with the native losses
+    the same objective runs with one gradient buffer (:mod:`dynaguide.native_objective`).
     """
     cfg = config
+    if native_objective.usable(response, backend):
+        return native_objective.objective(
+            response, target_of, lambda k: dynamic_weight(cfg, torch.maximum(k, k_floor)),
+            similarity_weight=cfg.similarity_weight,
+            guidance_weight=cfg.guidance_weight if target_of is not None else 0.0,
+            penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+            ignore_index=IGNORE_INDEX, reduction=reduction,
+        )  # fmt: skip
     sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
     weight = dynamic_weight(cfg, torch.maximum(k, k_floor))
     cont = losses.continuity_loss(
@@ -207,6 +217,8 @@ class RefineStep:
         step), as in the authors' loop.
         """
         cfg, be = self.config, self.backend
+        # small operations (alignment, optimiser step) on one thread on CPU: cpu_runtime.serial
+        small = serial if self.device.type == "cpu" else contextlib.nullcontext
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -216,18 +228,23 @@ class RefineStep:
             # from the previous iteration's labels (the current ones come out of the kernel).
             target = None
             if self.aligner is not None:
-                target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
+                with small():
+                    target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
             loss, labels, k = fused_objective(self.fused, response, target, cfg, self.k_floor)
         else:
             aligner = self.aligner
-            target_of = (
-                None
-                if aligner is None
-                else (lambda lab: aligner.target(lab, refresh=refresh_alignment))
+
+            def target_of(lab: torch.Tensor) -> torch.Tensor:
+                assert aligner is not None
+                with small():
+                    return aligner.target(lab, refresh=refresh_alignment)
+
+            loss, labels, k = objective(
+                response, cfg, self.k_floor, None if aligner is None else target_of, backend=be
             )
-            loss, labels, k = objective(response, cfg, self.k_floor, target_of, backend=be)
         loss.backward()
-        self.opt.step()
+        with small():
+            self.opt.step()
         self.prev_labels = labels
         return loss.detach(), labels, k
 

@@ -1,15 +1,21 @@
-"""Keep freed large blocks inside the process while a CPU refinement runs (glibc only).
+"""CPU runtime settings for the refinement loop: heap reuse and serial small operations.
 
-Every iteration allocates and frees a dozen activation-sized tensors (60 MB each at
-481x321 with 100 channels). glibc serves blocks that large with ``mmap`` and returns them
-with ``munmap``, so each iteration page-faults every one of them in again and the kernel
-zeroes the pages: on the virtual machines measured here that cost 40-50 ms per 60 MB
-tensor, a fifth of an iteration. While a :class:`HeapReuse` is held, large blocks come
-from the heap (``M_MMAP_MAX = 0``) and freed memory is kept for the next iteration
-(``M_TRIM_THRESHOLD`` at its maximum); when the last holder closes, the defaults are set
-back and ``malloc_trim(0)`` returns the memory to the system.
+**Heap reuse (glibc only).** Every iteration allocates and frees a dozen activation-sized
+tensors (60 MB each at 481x321 with 100 channels). glibc serves blocks that large with
+``mmap`` and returns them with ``munmap``, so each iteration page-faults every one of them
+in again and the kernel zeroes the pages: on the virtual machines measured here that cost
+40-50 ms per 60 MB tensor, a fifth of an iteration. While a :class:`HeapReuse` is held,
+large blocks come from the heap (``M_MMAP_MAX = 0``) and freed memory is kept for the next
+iteration (``M_TRIM_THRESHOLD`` at its maximum); when the last holder closes, the defaults
+are set back and ``malloc_trim(0)`` returns the memory to the system. Nothing happens
+without glibc, or with ``DYNAGUIDE_CPU_HEAP_REUSE=0`` in the environment.
 
-Nothing happens without glibc, or with ``DYNAGUIDE_CPU_HEAP_REUSE=0`` in the environment.
+**Serial small operations.** PyTorch splits any element-wise operation of more than 32K
+elements over its OpenMP threads. For the optimiser step over 100K parameters or the guide
+alignment over one label map that is microseconds of work per thread, but each parallel
+region ends in a barrier that waits for every thread: on a loaded machine, where a thread
+is often descheduled, one such barrier measured 10-50 ms (the SGD step: 47 ms with 2
+threads, 0.4 ms with 1). :func:`serial` runs a block with one thread.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["HeapReuse", "active", "paused"]
+import torch
+
+__all__ = ["HeapReuse", "active", "paused", "serial"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -124,3 +132,17 @@ def paused() -> Iterator[None]:
         with _lock:
             if was and _holders > 0:
                 _set(True)
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Run the block with one PyTorch thread (for small operations; see the module docstring)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
