@@ -155,11 +155,12 @@ def run(shapes: list[tuple[int, ...]], device: torch.device, reps: int) -> list[
     return rows
 
 
-def compile_report() -> list[dict[str, Any]]:
-    """Registers / spills per kernel for sm_90 (subprocess: needs TRITON_INTERPRET unset)."""
+def compile_report(*extra: str) -> list[dict[str, Any]]:
+    """Registers / spills per kernel for sm_90 (subprocess: needs TRITON_INTERPRET unset);
+    with ``--variants K``: compiled variants per kernel over K image sizes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "dynaguide.kernels._compile_check", "--arch", "90"],
+        [sys.executable, "-m", "dynaguide.kernels._compile_check", "--arch", "90", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"sm_90 {row['case']:22s} {row['kernel']:20s} "
                 f"regs={row['registers']} spill={row['spill_bytes']}"
             )
+        payload["compile_variants_sm90"] = compile_report("--variants", "12")[0]
+        print("sm_90 compiled variants over 12 image sizes:", payload["compile_variants_sm90"])
     if interp:
         print(f"*** {NOT_PERF} ***")
     path = write_results("kernels", device, payload, args.out)

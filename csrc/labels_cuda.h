@@ -1,9 +1,12 @@
 // CUDA label-map kernels; compiled only when the build found a CUDA compiler
 // (DYNAGUIDE_WITH_CUDA). Arrays are device views; work is queued on `stream` (a
 // cudaStream_t handed over as an integer, e.g. torch.cuda.current_stream().cuda_stream)
-// and nothing here synchronises with the host.
+// and nothing here synchronises with the host or allocates: temporary buffers come from
+// a caller-provided scratch array (allocated with torch, so that its caching allocator
+// and memory statistics see it) of the size the *_scratch functions report.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "view.h"
@@ -13,13 +16,21 @@ namespace dg {
 // Number of CUDA devices the runtime sees (0 when there is no driver or device).
 int cuda_device_count();
 
+// Scratch bytes argmax_relabel_cuda needs for N images of C channels.
+size_t argmax_relabel_cuda_scratch(int64_t N, int64_t C);
+
 // Same contract as argmax_relabel_cpu, minus the NaN report.
 void argmax_relabel_cuda(const View &x, const View &labels, const View &compact,
-                         const View &counts, const View &k, uintptr_t stream);
+                         const View &counts, const View &k, void *scratch, size_t scratch_bytes,
+                         uintptr_t stream);
+
+// Scratch bytes connected_components_cuda needs for `total` pixels (queries cub: needs
+// the CUDA runtime and a device).
+size_t connected_components_cuda_scratch(int64_t total, int device);
 
 // Same contract as connected_components_cpu; in: int32 or int64, out: int32 and
 // N * H * W < 2**31.
-void connected_components_cuda(const View &in, const View &out, int connectivity,
-                               uintptr_t stream);
+void connected_components_cuda(const View &in, const View &out, int connectivity, void *scratch,
+                               size_t scratch_bytes, uintptr_t stream);
 
 }  // namespace dg

@@ -9,81 +9,11 @@
 #include <vector>
 
 #include "common.h"
+#include "loss_kernels.h"
 #include "losses.h"
 
 namespace dg {
 namespace {
-
-// Geometry of one image in the unified "rows of W pixels with L lanes" form:
-// channels-last: 1 plane, L = C lanes (the channels); planar: C planes, L = 1.
-struct Geo {
-    int64_t N, C, H, W;
-    int64_t sn;      // image stride
-    int64_t L;       // lanes per pixel (contiguous)
-    int64_t P;       // planes
-    int64_t ps;      // plane stride
-    int64_t RS;      // row stride = W * L
-    bool channels_last;
-};
-
-Geo geometry(const View &x) {
-    Geo g;
-    g.N = x.shape[0];
-    g.C = x.shape[1];
-    g.H = x.shape[2];
-    g.W = x.shape[3];
-    g.sn = x.strides[0];
-    const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
-    const bool cl = (g.C == 1 || sc == 1) && (g.W == 1 || sw == g.C) && (g.H == 1 || sh == g.W * g.C);
-    const bool planar = (g.W == 1 || sw == 1) && (g.H == 1 || sh == g.W) && (g.C == 1 || sc == g.H * g.W);
-    if (!cl && !planar) fail("response layout must be contiguous or channels-last");
-    g.channels_last = cl;
-    g.L = cl ? g.C : 1;
-    g.P = cl ? 1 : g.C;
-    g.ps = cl ? 0 : g.H * g.W;
-    g.RS = g.W * g.L;
-    return g;
-}
-
-// ----------------------------------------------------------------------------- exp
-// Cephes-style exp: range reduction by ln 2 (rounding with the 1.5 * 2**23 shifter, so
-// no float<->int conversions) and a degree-6 polynomial; about 1e-7 relative error in
-// float32, branch-free so that the loops calling it vectorise.
-inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float shifter = 12582912.0f;  // 1.5 * 2**23: t's low mantissa bits hold round(x / ln 2)
-    const float t = x * 1.44269504088896341f + shifter;
-    int32_t tb;
-    std::memcpy(&tb, &t, sizeof(tb));
-    const float n = t - shifter;
-    x = x - n * 0.693359375f;
-    x = x - n * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * x * x + x + 1.0f;
-    const int32_t bits = (tb - 0x4B400000 + 127) << 23;  // 2**n
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return y * scale;
-}
-inline double fast_exp(double x) { return std::exp(x); }
-
-// Sum of n values with 8 independent partial sums (vectorises without -ffast-math; the
-// partial sums are short, so float32 stays within a few ulp of the exact sum).
-template <typename T>
-inline double lane_sum(const T *v, int64_t n) {
-    T a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; ++l) a[l] += v[k + l];
-    double s = ((double(a[0]) + a[4]) + (double(a[1]) + a[5])) + ((double(a[2]) + a[6]) + (double(a[3]) + a[7]));
-    for (; k < n; ++k) s += v[k];
-    return s;
-}
 
 constexpr int64_t kBlock = 256;  // elements per block of a blocked reduction
 
@@ -159,7 +89,7 @@ void continuity_forward_impl(const View &x, double delta_d, double *loss) {
 // Gradient of one row segment [k0, k1) gathered from the element's own pairs:
 // the element is the later ("+") member of the pairs with the row above and its left
 // neighbour, the earlier ("-") member of those with the row below and its right one.
-template <typename T, bool L1, bool EIGHT, bool UP, bool DN, bool LEFT, bool RIGHT>
+template <typename T, bool L1, bool EIGHT, bool ACC, bool UP, bool DN, bool LEFT, bool RIGHT>
 inline void continuity_grad_range(const T *cur, const T *prev, const T *next, T *out, int64_t k0,
                                   int64_t k1, int64_t L, T delta, T wv, T wh, T wd, T wa) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -175,27 +105,28 @@ inline void continuity_grad_range(const T *cur, const T *prev, const T *next, T 
             if (UP && RIGHT) ga += dpenalty<T, L1>(c - prev[k + L], delta);  // (i-1, j+1)
             if (DN && LEFT) ga -= dpenalty<T, L1>(next[k - L] - c, delta);   // (i+1, j-1)
         }
-        out[k] = wv * gv + wh * gh + wd * gd + wa * ga;
+        const T d = wv * gv + wh * gh + wd * gd + wa * ga;
+        out[k] = ACC ? out[k] + d : d;
     }
 }
 
-template <typename T, bool L1, bool EIGHT, bool UP, bool DN>
+template <typename T, bool L1, bool EIGHT, bool ACC, bool UP, bool DN>
 void continuity_grad_row(const T *cur, const T *prev, const T *next, T *out, int64_t W, int64_t L,
                          T delta, T wv, T wh, T wd, T wa) {
     if (W == 1) {
-        continuity_grad_range<T, L1, EIGHT, UP, DN, false, false>(cur, prev, next, out, 0, L, L,
+        continuity_grad_range<T, L1, EIGHT, ACC, UP, DN, false, false>(cur, prev, next, out, 0, L, L,
                                                                   delta, wv, wh, wd, wa);
         return;
     }
-    continuity_grad_range<T, L1, EIGHT, UP, DN, false, true>(cur, prev, next, out, 0, L, L, delta,
+    continuity_grad_range<T, L1, EIGHT, ACC, UP, DN, false, true>(cur, prev, next, out, 0, L, L, delta,
                                                              wv, wh, wd, wa);
-    continuity_grad_range<T, L1, EIGHT, UP, DN, true, true>(cur, prev, next, out, L, (W - 1) * L,
+    continuity_grad_range<T, L1, EIGHT, ACC, UP, DN, true, true>(cur, prev, next, out, L, (W - 1) * L,
                                                             L, delta, wv, wh, wd, wa);
-    continuity_grad_range<T, L1, EIGHT, UP, DN, true, false>(cur, prev, next, out, (W - 1) * L,
+    continuity_grad_range<T, L1, EIGHT, ACC, UP, DN, true, false>(cur, prev, next, out, (W - 1) * L,
                                                              W * L, L, delta, wv, wh, wd, wa);
 }
 
-template <typename T, bool L1, bool EIGHT>
+template <typename T, bool L1, bool EIGHT, bool ACC>
 void continuity_backward_impl(const View &x, double delta_d, const double *scale,
                               const View &grad) {
     const Geo g = geometry(x);
@@ -217,13 +148,13 @@ void continuity_backward_impl(const View &x, double delta_d, const double *scale
             const T *prev = cur - RS, *next = cur + RS;
             const bool up = i > 0, dn = i + 1 < H;
             if (up && dn)
-                continuity_grad_row<T, L1, EIGHT, true, true>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
+                continuity_grad_row<T, L1, EIGHT, ACC, true, true>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
             else if (up)
-                continuity_grad_row<T, L1, EIGHT, true, false>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
+                continuity_grad_row<T, L1, EIGHT, ACC, true, false>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
             else if (dn)
-                continuity_grad_row<T, L1, EIGHT, false, true>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
+                continuity_grad_row<T, L1, EIGHT, ACC, false, true>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
             else
-                continuity_grad_row<T, L1, EIGHT, false, false>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
+                continuity_grad_row<T, L1, EIGHT, ACC, false, false>(cur, prev, next, out, g.W, L, delta, wv, wh, wd, wa);
         }
     }
 }
@@ -382,6 +313,8 @@ void softmax_ce_impl(const View &x, int64_t *labels_out, const int64_t *target, 
     }
 }
 
+}  // namespace
+
 void check_grad(const View &x, const View *grad) {
     if (!grad) return;
     for (int d = 0; d < 4; ++d)
@@ -389,8 +322,6 @@ void check_grad(const View &x, const View *grad) {
             fail("gradient buffer must have the response's shape and strides");
     if (grad->dtype != x.dtype) fail("gradient buffer must have the response's dtype");
 }
-
-}  // namespace
 
 bool loss_layout_ok(const View &x) {
     try {
@@ -411,15 +342,22 @@ void continuity_forward_cpu(const View &x, bool l1, int neighbors, double delta,
     });
 }
 
+template <typename T, bool ACC>
+void continuity_backward_dispatch(const View &x, bool l1, int neighbors, double delta,
+                                  const double *scale, const View &grad) {
+    if (l1 && neighbors == 8) continuity_backward_impl<T, true, true, ACC>(x, delta, scale, grad);
+    else if (l1) continuity_backward_impl<T, true, false, ACC>(x, delta, scale, grad);
+    else if (neighbors == 8) continuity_backward_impl<T, false, true, ACC>(x, delta, scale, grad);
+    else continuity_backward_impl<T, false, false, ACC>(x, delta, scale, grad);
+}
+
 void continuity_backward_cpu(const View &x, bool l1, int neighbors, double delta,
-                             const double *scale, const View &grad) {
+                             const double *scale, const View &grad, bool accumulate) {
     check_grad(x, &grad);
     dispatch_float(x.dtype, [&](auto t) {
         using T = decltype(t);
-        if (l1 && neighbors == 8) continuity_backward_impl<T, true, true>(x, delta, scale, grad);
-        else if (l1) continuity_backward_impl<T, true, false>(x, delta, scale, grad);
-        else if (neighbors == 8) continuity_backward_impl<T, false, true>(x, delta, scale, grad);
-        else continuity_backward_impl<T, false, false>(x, delta, scale, grad);
+        if (accumulate) continuity_backward_dispatch<T, true>(x, l1, neighbors, delta, scale, grad);
+        else continuity_backward_dispatch<T, false>(x, l1, neighbors, delta, scale, grad);
     });
 }
 

@@ -9,129 +9,25 @@
 #include <optional>
 #include <string>
 
+#include "bind.h"
 #include "common.h"
 #include "labels.h"
 #include "losses.h"
+#include "norm.h"
 #ifdef DYNAGUIDE_WITH_CUDA
-#include "labels_cuda.h"
+#include "labels_cuda.h"  // cuda_device_count
 #endif
 
 namespace nb = nanobind;
 using dg::DType;
 using dg::View;
+using namespace dgb;  // NOLINT: the binding helpers
+
+#ifdef DYNAGUIDE_WITH_CUDA
+void bind_cuda(nb::module_ &m);  // module_cuda.cpp
+#endif
 
 namespace {
-
-using InArray = nb::ndarray<nb::ro>;
-using OutArray = nb::ndarray<>;
-
-DType to_dtype(nb::dlpack::dtype d) {
-    using nb::dlpack::dtype_code;
-    if (d.lanes != 1) return DType::Other;
-    if (d.code == static_cast<uint8_t>(dtype_code::Float)) {
-        if (d.bits == 32) return DType::F32;
-        if (d.bits == 64) return DType::F64;
-    } else if (d.code == static_cast<uint8_t>(dtype_code::Int)) {
-        switch (d.bits) {
-            case 8: return DType::I8;
-            case 16: return DType::I16;
-            case 32: return DType::I32;
-            case 64: return DType::I64;
-        }
-    } else if (d.code == static_cast<uint8_t>(dtype_code::UInt)) {
-        switch (d.bits) {
-            case 8: return DType::U8;
-            case 16: return DType::U16;
-            case 32: return DType::U32;
-            case 64: return DType::U64;
-        }
-    }
-    return DType::Other;
-}
-
-template <typename A>
-View to_view(const A &a, const char *name, int ndim, int device_type) {
-    if (static_cast<int>(a.ndim()) != ndim)
-        dg::fail(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
-                 std::to_string(a.ndim()));
-    if (a.device_type() != device_type)
-        dg::fail(std::string(name) + (device_type == nb::device::cpu::value ? " must be a CPU array"
-                                                                            : " must be a CUDA array"));
-    View v;
-    v.data = const_cast<void *>(static_cast<const void *>(a.data()));
-    v.dtype = to_dtype(a.dtype());
-    v.ndim = ndim;
-    v.device_type = a.device_type();
-    v.device_id = a.device_id();
-    for (int i = 0; i < ndim; ++i) {
-        v.shape[i] = static_cast<int64_t>(a.shape(i));
-        v.strides[i] = a.stride(i);
-    }
-    return v;
-}
-
-void expect_dtype(const View &v, DType d, const char *name) {
-    if (v.dtype != d)
-        dg::fail(std::string(name) + " must be " + dg::dtype_name(d) + ", got " + dg::dtype_name(v.dtype));
-}
-
-void expect_contiguous(const View &v, const char *name) {
-    if (!v.c_contiguous()) dg::fail(std::string(name) + " must be C-contiguous");
-}
-
-void expect_shape(const View &v, std::initializer_list<int64_t> shape, const char *name) {
-    int i = 0;
-    for (int64_t s : shape) {
-        if (v.shape[i] != s) dg::fail(std::string(name) + " has the wrong shape");
-        ++i;
-    }
-}
-
-void expect_float(const View &v, const char *name) {
-    if (v.dtype != DType::F32 && v.dtype != DType::F64)
-        dg::fail(std::string(name) + " must be float32 or float64, got " + dg::dtype_name(v.dtype));
-}
-
-void expect_int(const View &v, const char *name) {
-    if (v.dtype == DType::F32 || v.dtype == DType::F64 || v.dtype == DType::Other)
-        dg::fail(std::string(name) + " must have an integer dtype, got " + dg::dtype_name(v.dtype));
-}
-
-void expect_index_out(const View &v, const char *name) {
-    if (v.dtype != DType::I32 && v.dtype != DType::I64)
-        dg::fail(std::string(name) + " must be int32 or int64, got " + dg::dtype_name(v.dtype));
-}
-
-// Outputs of argmax_relabel: (N, H, W) labels and compact, (N, C) counts, (N,) k.
-void check_argmax_outputs(const View &x, const View &labels, const View &compact, const View &counts,
-                          const View &k) {
-    const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
-    expect_float(x, "response");
-    if (x.numel() == 0) dg::fail("response is empty");
-    for (const auto &[v, name] : {std::pair{&labels, "labels"}, {&compact, "compact"}}) {
-        expect_dtype(*v, DType::I64, name);
-        expect_contiguous(*v, name);
-        expect_shape(*v, {N, H, W}, name);
-    }
-    expect_dtype(counts, DType::I64, "counts");
-    expect_contiguous(counts, "counts");
-    expect_shape(counts, {N, C}, "counts");
-    expect_dtype(k, DType::I64, "k");
-    expect_contiguous(k, "k");
-    expect_shape(k, {N}, "k");
-}
-
-void check_cc(const View &in, const View &out, int connectivity) {
-    if (connectivity != 4 && connectivity != 8)
-        dg::fail("connectivity must be 4 or 8, got " + std::to_string(connectivity));
-    expect_int(in, "labels");
-    expect_contiguous(in, "labels");
-    expect_index_out(out, "out");
-    expect_contiguous(out, "out");
-    expect_shape(out, {in.shape[0], in.shape[1], in.shape[2]}, "out");
-    if (out.dtype == DType::I32 && in.shape[1] * in.shape[2] > INT32_MAX)
-        dg::fail("out must be int64 for images of 2**31 pixels or more");
-}
 
 View loss_input(const InArray &a) {
     View x = to_view(a, "response", 4, nb::device::cpu::value);
@@ -141,12 +37,39 @@ View loss_input(const InArray &a) {
     return x;
 }
 
-View per_image(const OutArray &a, const View &x, DType d, const char *name) {
+template <typename A>
+View per_image(const A &a, const View &x, DType d, const char *name) {
     View v = to_view(a, name, 1, nb::device::cpu::value);
     expect_dtype(v, d, name);
     expect_contiguous(v, name);
     expect_shape(v, {x.shape[0]}, name);
     return v;
+}
+
+// (M, C) activation matrix of the fused ReLU + BatchNorm: float, unit channel stride.
+template <typename A>
+View norm_matrix(const A &a, const char *name, DType dtype, int64_t M, int64_t C) {
+    View v = to_view(a, name, 2, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_shape(v, {M, C}, name);
+    if (C > 1 && v.strides[1] != 1) dg::fail(std::string(name) + " must have unit channel stride");
+    return v;
+}
+
+template <typename A>
+View norm_channels(const A &a, const char *name, DType dtype, int64_t C) {
+    View v = to_view(a, name, 1, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_shape(v, {C}, name);
+    return v;
+}
+
+double *norm_out(const OutArray &a, const char *name, int64_t C) {
+    View v = to_view(a, name, 1, nb::device::cpu::value);
+    expect_dtype(v, DType::F64, name);
+    expect_contiguous(v, name);
+    expect_shape(v, {C}, name);
+    return v.ptr<double>();
 }
 
 }  // namespace
@@ -226,38 +149,7 @@ NB_MODULE(_native, m) {
         "raster order of their first pixel, into out (int32/int64).");
 
 #ifdef DYNAGUIDE_WITH_CUDA
-    m.def(
-        "argmax_relabel_cuda",
-        [](InArray x, OutArray labels, OutArray compact, OutArray counts, OutArray k, uintptr_t stream) {
-            const int gpu = nb::device::cuda::value;
-            View xv = to_view(x, "response", 4, gpu), lv = to_view(labels, "labels", 3, gpu),
-                 cv = to_view(compact, "compact", 3, gpu), nv = to_view(counts, "counts", 2, gpu),
-                 kv = to_view(k, "k", 1, gpu);
-            check_argmax_outputs(xv, lv, cv, nv, kv);
-            for (const View *v : {&lv, &cv, &nv, &kv})
-                if (v->device_id != xv.device_id) dg::fail("outputs must be on the response's device");
-            nb::gil_scoped_release release;
-            dg::argmax_relabel_cuda(xv, lv, cv, nv, kv, stream);
-        },
-        nb::arg("response"), nb::arg("labels"), nb::arg("compact"), nb::arg("counts"), nb::arg("k"),
-        nb::arg("stream"),
-        "CUDA version of argmax_relabel (no NaN report), queued on `stream` (a cudaStream_t as int).");
-
-    m.def(
-        "connected_components_cuda",
-        [](InArray in, OutArray out, int connectivity, uintptr_t stream) {
-            const int gpu = nb::device::cuda::value;
-            View iv = to_view(in, "labels", 3, gpu), ov = to_view(out, "out", 3, gpu);
-            check_cc(iv, ov, connectivity);
-            if (iv.dtype != DType::I32 && iv.dtype != DType::I64) dg::fail("labels must be int32 or int64");
-            if (ov.dtype != DType::I32) dg::fail("out must be int32");
-            if (iv.numel() > INT32_MAX) dg::fail("at most 2**31 - 1 pixels in all");
-            if (ov.device_id != iv.device_id) dg::fail("out must be on the labels' device");
-            nb::gil_scoped_release release;
-            dg::connected_components_cuda(iv, ov, connectivity, stream);
-        },
-        nb::arg("labels"), nb::arg("out"), nb::arg("connectivity"), nb::arg("stream"),
-        "CUDA version of connected_components (int32/int64 labels in, int32 out).");
+    bind_cuda(m);
 #endif
 
     // ------------------------------------------------------------------------ losses
@@ -275,7 +167,7 @@ NB_MODULE(_native, m) {
 
     m.def(
         "continuity_backward",
-        [](InArray x, bool l1, int neighbors, double delta, InArray scale, OutArray grad) {
+        [](InArray x, bool l1, int neighbors, double delta, InArray scale, OutArray grad, bool accumulate) {
             View xv = loss_input(x);
             View sv = to_view(scale, "scale", 1, nb::device::cpu::value);
             expect_dtype(sv, DType::F64, "scale");
@@ -284,10 +176,40 @@ NB_MODULE(_native, m) {
             View gv = to_view(grad, "grad", 4, nb::device::cpu::value);
             if (neighbors != 4 && neighbors != 8) dg::fail("neighbors must be 4 or 8");
             nb::gil_scoped_release release;
-            dg::continuity_backward_cpu(xv, l1, neighbors, delta, sv.ptr<double>(), gv);
+            dg::continuity_backward_cpu(xv, l1, neighbors, delta, sv.ptr<double>(), gv, accumulate);
         },
         nb::arg("response"), nb::arg("l1"), nb::arg("neighbors"), nb::arg("delta"), nb::arg("scale"),
-        nb::arg("grad"), "grad[n] = scale[n] * d(continuity_n)/d(response[n]).");
+        nb::arg("grad"), nb::arg("accumulate") = false,
+        "grad[n] = scale[n] * d(continuity_n)/d(response[n]) (grad[n] += ... with accumulate).");
+
+    m.def(
+        "ce_pair_forward",
+        [](InArray x, InArray labels, std::optional<InArray> target, int64_t ignore_index, InArray a,
+           InArray b, OutArray grad, OutArray guide_loss) {
+            const int cpu = nb::device::cpu::value;
+            View xv = loss_input(x);
+            View lv = to_view(labels, "labels", 3, cpu);
+            expect_dtype(lv, DType::I64, "labels");
+            expect_contiguous(lv, "labels");
+            expect_shape(lv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "labels");
+            View tv;
+            if (target) {
+                tv = to_view(*target, "target", 3, cpu);
+                expect_dtype(tv, DType::I64, "target");
+                expect_contiguous(tv, "target");
+                expect_shape(tv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "target");
+            }
+            View av = per_image(a, xv, DType::F64, "a"), bv = per_image(b, xv, DType::F64, "b");
+            View gv = to_view(grad, "grad", 4, cpu);
+            View loss_v = per_image(guide_loss, xv, DType::F64, "guide_loss");
+            nb::gil_scoped_release release;
+            dg::ce_pair_forward_cpu(xv, lv, target ? &tv : nullptr, ignore_index, av.ptr<double>(),
+                                    bv.ptr<double>(), gv, loss_v.ptr<double>());
+        },
+        nb::arg("response"), nb::arg("labels"), nb::arg("target").none(), nb::arg("ignore_index"),
+        nb::arg("a"), nb::arg("b"), nb::arg("grad"), nb::arg("guide_loss"),
+        "Similarity + guidance cross-entropy gradient a*(p - onehot(label)) + "
+        "b/V*valid*(p - onehot(target)) of a channels-last response, and the guidance loss.");
 
     m.def(
         "similarity_forward",
@@ -325,4 +247,53 @@ NB_MODULE(_native, m) {
         },
         nb::arg("response"), nb::arg("target"), nb::arg("ignore_index"), nb::arg("grad").none(),
         nb::arg("loss"), "Per-image guidance cross-entropy and (optionally) its gradient.");
+
+    // ------------------------------------------------------------- ReLU + BatchNorm
+    m.def(
+        "relu_bn_forward",
+        [](InArray z, bool relu, InArray gamma, InArray beta, double eps, std::optional<InArray> residual,
+           OutArray y, OutArray mean, OutArray var, OutArray invstd) {
+            View zv = to_view(z, "z", 2, nb::device::cpu::value);
+            expect_float(zv, "z");
+            const int64_t M = zv.shape[0], C = zv.shape[1];
+            if (M < 1 || C < 1) dg::fail("z is empty");
+            zv = norm_matrix(z, "z", zv.dtype, M, C);
+            View yv = norm_matrix(y, "y", zv.dtype, M, C);
+            View gv = norm_channels(gamma, "gamma", zv.dtype, C);
+            View bv = norm_channels(beta, "beta", zv.dtype, C);
+            View rv;
+            if (residual) rv = norm_matrix(*residual, "residual", zv.dtype, M, C);
+            double *mp = norm_out(mean, "mean", C), *vp = norm_out(var, "var", C),
+                   *ip = norm_out(invstd, "invstd", C);
+            nb::gil_scoped_release release;
+            dg::relu_bn_forward_cpu(zv, relu, gv, bv, eps, residual ? &rv : nullptr, yv, mp, vp, ip);
+        },
+        nb::arg("z"), nb::arg("relu"), nb::arg("gamma"), nb::arg("beta"), nb::arg("eps"),
+        nb::arg("residual").none(), nb::arg("y"), nb::arg("mean"), nb::arg("var"), nb::arg("invstd"),
+        "y = BatchNorm(relu(z)) (+ residual) with batch statistics over the rows of a (M, C) matrix; "
+        "writes the float64 batch mean, biased variance and 1/sqrt(var + eps).");
+
+    m.def(
+        "relu_bn_backward",
+        [](InArray z, InArray gy, bool relu, InArray gamma, InArray mean, InArray invstd, OutArray dz,
+           OutArray dgamma, OutArray dbeta) {
+            View zv = to_view(z, "z", 2, nb::device::cpu::value);
+            expect_float(zv, "z");
+            const int64_t M = zv.shape[0], C = zv.shape[1];
+            if (M < 1 || C < 1) dg::fail("z is empty");
+            zv = norm_matrix(z, "z", zv.dtype, M, C);
+            View gyv = norm_matrix(gy, "gy", zv.dtype, M, C);
+            View dzv = norm_matrix(dz, "dz", zv.dtype, M, C);
+            View gv = norm_channels(gamma, "gamma", zv.dtype, C);
+            View mv = norm_channels(mean, "mean", DType::F64, C);
+            View iv = norm_channels(invstd, "invstd", DType::F64, C);
+            expect_contiguous(mv, "mean");
+            expect_contiguous(iv, "invstd");
+            double *dg_ = norm_out(dgamma, "dgamma", C), *db = norm_out(dbeta, "dbeta", C);
+            nb::gil_scoped_release release;
+            dg::relu_bn_backward_cpu(zv, gyv, relu, gv, mv.ptr<double>(), iv.ptr<double>(), dzv, dg_, db);
+        },
+        nb::arg("z"), nb::arg("gy"), nb::arg("relu"), nb::arg("gamma"), nb::arg("mean"), nb::arg("invstd"),
+        nb::arg("dz"), nb::arg("dgamma"), nb::arg("dbeta"),
+        "Gradient of relu_bn_forward: dz (M, C) and the float64 gamma and beta gradients.");
 }

@@ -488,7 +488,8 @@ class BatchedRefiner:
         elif m.skip is not None:
             h = h + self._conv("skip", x, m.skip)
         out = self._norm("out_norm", self._conv("classifier", h, m.classifier), m.out_norm)
-        response = out.unflatten(1, (len(self.slots), self.config.n_channels))[0]
+        # squeeze, not [0]: select's backward would build a zero tensor and copy into it
+        response = out.unflatten(1, (len(self.slots), self.config.n_channels)).squeeze(0)
         # In channels-last the images are interleaved within each pixel (strides C, 1,
         # W*N*C, N*C). One copy gives every image the solo response's own layout: the loss
         # kernels then see what they see alone (the native ones would copy anyway), and

@@ -71,9 +71,21 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def _script_root() -> Path | None:
+    """The repository of the running benchmark script (``<repo>/benchmarks/<script>.py``)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.parent.name == "benchmarks":
+        return script.parent.parent
+    return None
+
+
 def git_commit() -> str:
-    """Commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
+    """Commit of the working tree, with ``-dirty`` when it has uncommitted changes.
+
+    The tree is the running benchmark script's repository (an installed package has no
+    git tree of its own), else the one this module lives in.
+    """
+    root = _script_root() or Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -120,12 +132,10 @@ def matmul_rate(
 def write_results(
     name: str, device: torch.device, payload: dict[str, Any], out_dir: str | Path | None = None
 ) -> Path:
-    """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically."""
-    out = (
-        Path(out_dir)
-        if out_dir is not None
-        else Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    )
+    """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically
+    (default ``benchmarks/results`` of the running script's repository)."""
+    root = _script_root() or Path(__file__).resolve().parents[1]
+    out = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{device.type}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from dynaguide.config import RefineConfig
+from dynaguide.input_conv import InputPatches, input_conv
+from dynaguide.norm import relu_batch_norm
 
 
 class RefineNet(nn.Module):
@@ -48,18 +50,23 @@ class RefineNet(nn.Module):
         self.skip = nn.Conv2d(in_channels, n_channels, 3, padding=1) if skip == "separate" else None
         self.classifier = nn.Conv2d(n_channels, n_channels, 1)
         self.out_norm = nn.BatchNorm2d(n_channels)
+        self._patches = InputPatches()  # im2col of the input image, for the weight gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Response map of ``x`` (N, 3, H, W) -> (N, C, H, W)."""
-        first = self.convs[0](x)
-        h = self.norms[0](torch.relu(first))
-        for conv, norm in zip(self.convs[1:], self.norms[1:], strict=True):
-            h = norm(torch.relu(conv(h)))
+        first = input_conv(x, self.convs[0], self._patches)
+        skip = None
         if self.skip_mode == "shared":
-            h = h + first
+            skip = first
         elif self.skip is not None:
-            h = h + self.skip(x)
-        return self.out_norm(self.classifier(h))
+            skip = input_conv(x, self.skip, self._patches)
+        last = len(self.convs) - 1
+        h = first  # (the input of block 1; block 0 takes `first` directly)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            z = first if i == 0 else conv(h)
+            # the skip branch is added to the last block's output (in its normalisation pass)
+            h = relu_batch_norm(z, norm, residual=skip if i == last else None)
+        return relu_batch_norm(self.classifier(h), self.out_norm, relu=False)
 
 
 def build_model(

@@ -94,6 +94,12 @@ def _choose(op: str, device_type: str, backend: str | None, *, cuda_kernel: bool
     return "native" if runs else "torch"
 
 
+def _cuda_scratch(nbytes: int, like: torch.Tensor) -> torch.Tensor:
+    """Scratch memory for a CUDA kernel of the extension, from torch's caching allocator
+    (visible in ``torch.cuda.memory_stats``; freed to the cache for reuse on this stream)."""
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=like.device)
+
+
 # ------------------------------------------------------------------------- validation
 def _kind(x: Any, name: str) -> str:
     if isinstance(x, torch.Tensor):
@@ -273,8 +279,13 @@ def connected_components(
                 raise ValueError("the CUDA connected_components handles fewer than 2**31 pixels")
             src3 = src3.to(torch.int64 if src3.element_size() > 4 else torch.int32).contiguous()
             out = torch.empty(src3.shape, dtype=torch.int32, device=src3.device)
+            mod = native_module()
+            dev = (
+                src3.device.index if src3.device.index is not None else torch.cuda.current_device()
+            )
+            scratch = _cuda_scratch(mod.connected_components_cuda_scratch(src3.numel(), dev), src3)
             stream = torch.cuda.current_stream(src3.device).cuda_stream
-            native_module().connected_components_cuda(src3, out, connectivity, stream)
+            mod.connected_components_cuda(src3, out, connectivity, scratch, stream)
         else:
             host = src3.cpu().numpy()
             out = torch.from_numpy(_cc_numpy(host, connectivity, big, choice)).to(src.device)
@@ -419,8 +430,9 @@ def argmax_relabel(
         if x.device.type == "cuda":
             if validate and bool(torch.isnan(x).any()):
                 raise ValueError("response contains NaN")
+            scratch = _cuda_scratch(mod.argmax_relabel_cuda_scratch(n, c), x)
             stream = torch.cuda.current_stream(x.device).cuda_stream
-            mod.argmax_relabel_cuda(x, labels_t, compact_t, counts_t, k_t, stream)
+            mod.argmax_relabel_cuda(x, labels_t, compact_t, counts_t, k_t, scratch, stream)
         elif mod.argmax_relabel(x, labels_t, compact_t, counts_t, k_t) and validate:
             raise ValueError("response contains NaN")
     else:

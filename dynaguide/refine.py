@@ -10,15 +10,19 @@ number costs nothing) and every ``config.check_every`` iterations on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dynaguide import losses
+from dynaguide import losses, native_objective
 from dynaguide.config import RefineConfig
+from dynaguide.cpu_runtime import HeapReuse, serial
+from dynaguide.cuda_graph import CudaGraphStep
 from dynaguide.errors import RefinementDivergedError
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
@@ -140,9 +144,21 @@ def objective(
     ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
     guidance); ``guidance_weight`` overrides ``config.guidance_weight`` (the annealing
     schedule; a (N,) tensor gives each image of a ``reduction="none"`` batch its own).
-    Returns (loss, labels, K) as device tensors.
+    Returns (loss, labels, K) as device tensors. On CPU with the native losses the same
+    objective runs with one gradient buffer (:mod:`dynaguide.native_objective`).
     """
     cfg = config
+    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
+    guided = target_of is not None and (isinstance(gw, torch.Tensor) or gw > 0)
+    if native_objective.usable(response, backend) and not isinstance(gw, torch.Tensor):
+        return native_objective.objective(
+            response, target_of if guided else None,
+            lambda k: dynamic_weight(cfg, torch.maximum(k, k_floor)),
+            similarity_weight=cfg.similarity_weight,
+            guidance_weight=gw if guided else 0.0,
+            penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
+            ignore_index=IGNORE_INDEX, reduction=reduction,
+        )  # fmt: skip
     sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
     weight = dynamic_weight(cfg, torch.maximum(k, k_floor))
     cont = losses.continuity_loss(
@@ -150,8 +166,8 @@ def objective(
         reduction=reduction, backend=backend,
     )  # fmt: skip
     loss = cfg.similarity_weight * sim + weight * cont
-    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
-    if target_of is not None and (isinstance(gw, torch.Tensor) or gw > 0):
+    if guided:
+        assert target_of is not None
         target = target_of(labels)
         guide = losses.guidance_loss(
             response, target, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend
@@ -237,6 +253,8 @@ class RefineStep:
         self.iteration = 0
         self.fused = _fused_objective(device, backend)
         self.prev_labels: torch.Tensor | None = None
+        if device.type == "cpu":  # freed activation blocks stay for the next iteration
+            weakref.finalize(self, HeapReuse().close)
 
     def step(
         self, *, refresh_alignment: bool = True, zero_grad: bool = True
@@ -249,79 +267,53 @@ class RefineStep:
         cfg, be = self.config, self.backend
         gw = guidance_weight_at(cfg, self.iteration)
         self.iteration += 1
+        # small operations (alignment, optimiser step) on one thread on CPU: cpu_runtime.serial
+        small = serial if self.device.type == "cpu" else contextlib.nullcontext
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            response = self.model(self.x)[0]
+            response = self.model(self.x).squeeze(0)  # a view whose backward is a view
         if self.fused is not None and (self.aligner is None or self.prev_labels is not None):
             # One fused kernel pair for the whole objective; the guide alignment is refreshed
             # from the previous iteration's labels (the current ones come out of the kernel).
             target = None
             if self.aligner is not None and gw > 0:
-                target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
+                with small():
+                    target = self.aligner.target(self.prev_labels, refresh=refresh_alignment)
             loss, labels, k = fused_objective(
                 self.fused, response, target, cfg, self.k_floor, guidance_weight=gw
             )
         else:
             aligner = self.aligner
-            target_of = (
-                None
-                if aligner is None
-                else (lambda lab: aligner.target(lab, refresh=refresh_alignment))
-            )
+
+            def target_of(lab: torch.Tensor) -> torch.Tensor:
+                assert aligner is not None
+                with small():
+                    return aligner.target(lab, refresh=refresh_alignment)
+
             loss, labels, k = objective(
-                response, cfg, self.k_floor, target_of, backend=be, guidance_weight=gw
-            )
+                response, cfg, self.k_floor, None if aligner is None else target_of, backend=be,
+                guidance_weight=gw,
+            )  # fmt: skip
         loss.backward()
-        self.opt.step()
+        with small():
+            self.opt.step()
         self.prev_labels = labels
         return loss.detach(), labels, k
 
+    @torch.no_grad()
+    def peek_labels(self) -> torch.Tensor:
+        """Argmax labels (H, W) of the current network, without training side effects.
 
-class CudaGraphStep:
-    """Replays a whole :class:`RefineStep` iteration (forward, losses, backward, SGD) as a CUDA graph.
-
-    The first ``warmup`` iterations run eagerly on a side stream (allocator and library
-    warm-up; they are real iterations of the run), the next one is captured, and every
-    later call replays the graph. The guide target is a static buffer that
-    :class:`GuideAligner` updates in place between replays; the reference (sorted-id)
-    alignment reads the live label set on the host and cannot be captured.
-    """
-
-    def __init__(self, state: RefineStep, *, warmup: int = 3):
-        if state.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {state.device}")
-        if state.aligner is not None and state.aligner.mode == "reference":
-            raise ValueError("the 'reference' guide alignment cannot be captured in a CUDA graph")
-        self.state = state
-        self.warmup = warmup
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(
-        self, *, refresh_alignment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one iteration; returns the static (loss, labels, K) tensors."""
-        state = self.state
-        self.calls += 1
-        if self.graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream(device=state.device)
-            side.wait_stream(torch.cuda.current_stream(state.device))
-            with torch.cuda.stream(side):
-                out = state.step(refresh_alignment=refresh_alignment)
-            torch.cuda.current_stream(state.device).wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            state.opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.static = state.step(refresh_alignment=False, zero_grad=False)
-        elif refresh_alignment and state.aligner is not None and self.static is not None:
-            state.aligner.target(self.static[1], refresh=True)  # in-place buffer update
-        self.graph.replay()
-        assert self.static is not None
-        return self.static
+        The same labels as the next training forward (train-mode BatchNorm with batch
+        statistics); the running statistics that forward updates are restored.
+        """
+        buffers = [b.clone() for b in self.model.buffers()]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            labels = self.model(self.x).squeeze(0).argmax(dim=0)
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        return labels
 
 
 def _fused_objective(device: torch.device, backend: str | None) -> Callable | None:

@@ -13,7 +13,7 @@ writes its gradient during the forward pass; backward only rescales it.
 Importing this module imports Triton; :mod:`dynaguide` itself never does at import time.
 """
 
-from ._common import compile_only, interpreting
+from ._launch import compile_only, interpreting
 from .continuity import continuity_loss
 from .fused import DynaGuideLoss, dynaguide_loss, dynaguide_loss_reference
 from .guidance import guidance_loss

@@ -6,11 +6,18 @@ Conventions used by every kernel in :mod:`dynaguide.kernels`:
   any other strided view): nothing is copied. A program owns ``BLOCK_P`` consecutive pixels
   (row-major over ``H*W``) of one image and loops over the channels in blocks of
   ``BLOCK_C``; the tile is ``[BLOCK_P, BLOCK_C]``. With channels-last the channel axis is
-  contiguous, with NCHW the pixel axis is; Triton specialises stride arguments equal to 1,
-  so the contiguous axis is known at compile time and the loads coalesce either way.
-* Offsets are int64 (program ids are cast before any multiplication).
+  contiguous, with NCHW the pixel axis is; which one is a compile-time constant
+  (``Layout.unit``), so the loads coalesce either way.
+* One compiled kernel per configuration, whatever the image size: every argument that
+  depends on H, W or N (sizes, strides, counts, block counts) is in the kernel's
+  ``do_not_specialize`` list, block sizes depend on C only, and buffers are separate
+  allocations (Triton specialises pointers on 16-byte alignment). What stays specialised
+  depends on C and the layout only (plus ``numel % 16`` of the backward rescale, which
+  keeps its vectorised loads: at most two variants).
+* The grid has one axis (N * pixel blocks; axis 1 would cap N at 65535). Pixel indices
+  are int32, element offsets int64.
 * Accumulation is in float32 (float64 for float64 inputs); gradients are written in the
-  input dtype.
+  input dtype (float32 for float16 inputs until backward applies ``grad_output``).
 * Per-image sums are written as one partial per program and summed by a finalisation
   kernel (deterministic, no float atomics). Integer counts (label histogram, valid pixels)
   use atomics, which are exact.
@@ -23,9 +30,6 @@ geometry switches to a few big programs.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,97 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import compiling, interpreting, launch  # noqa: F401 - re-exported
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 # Dynamic continuity weight modes: w = mu | K / beta | scf_mu / K.
 WEIGHT_MODES = {"constant": 0, "fsf": 1, "dynaguide": 1, "scf": 2}
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-# ------------------------------------------------------------------ compile-only mode
-class _CompileOnlyDriver:
-    """Minimal stand-in for Triton's active driver: reports a fixed GPU target.
-
-    Lets :func:`compile_only` run Triton's real specialisation and code generation for a
-    GPU on a machine that has none (nothing is launched).
-    """
-
-    def __init__(self, target: Any):
-        self._target = target
-
-    @classmethod
-    def is_active(cls) -> bool:
-        return False
-
-    def get_current_target(self) -> Any:
-        return self._target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def map_python_to_cpp_type(self, ty: str) -> str:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def get_benchmarker(self) -> Any:  # pragma: no cover - not used
-        raise NotImplementedError
-
-
-_compile_only: list[tuple[str, Any]] | None = None
-
-
-@contextlib.contextmanager
-def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
-    """Compile kernels for CUDA ``sm_<arch>`` instead of launching them.
-
-    Inside the context, every kernel launch of this package is replaced by Triton's
-    ``warmup`` (full specialisation on the real arguments, then code generation down to
-    a cubin) against a fake driver, and the compiled kernels are collected in the yielded
-    list as ``(kernel name, CompiledKernel)``. Outputs of the public functions are
-    garbage in this mode. Needs ``TRITON_INTERPRET`` unset before this package is
-    imported (the interpreter replaces kernels at definition time).
-
-    Parameters
-    ----------
-    arch : int
-        CUDA compute capability times ten (90 = H100).
-    """
-    global _compile_only
-    if interpreting():
-        raise RuntimeError(
-            "compile_only() needs TRITON_INTERPRET unset when dynaguide.kernels is imported"
-        )
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    previous = driver._active
-    compiled: list[tuple[str, Any]] = []
-    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))  # type: ignore[arg-type]
-    _compile_only = compiled
-    try:
-        yield compiled
-    finally:
-        _compile_only = None
-        driver._active = previous
-
-
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """Launch ``kernel`` on ``grid`` (or only compile it inside :func:`compile_only`)."""
-    if _compile_only is not None:
-        compiled = kernel.warmup(*args, grid=grid, **meta)
-        _compile_only.append((kernel.fn.__name__, compiled))
-        return
-    kernel[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -153,6 +73,27 @@ class Layout:
     def flat(self) -> bool:
         """Pixels form one uniform-stride sequence (offset = p * stride_w)."""
         return self.h == 1 or self.strides[2] == self.w * self.strides[3]
+
+    @property
+    def unit(self) -> int:
+        """Which axis has unit stride, as a compile-time constant of the kernels.
+
+        1: the channels (channels-last, or a single channel); 2: the pixels (dense NCHW);
+        0: neither. The strides themselves are runtime arguments that Triton does not
+        specialise on (so that every image size reuses one compiled kernel); this constant
+        keeps the unit-stride loads vectorised.
+        """
+        if self.c > 1 and self.strides[1] == 1:
+            return 1
+        if self.flat and (self.hw == 1 or self.strides[3] == 1):
+            return 2
+        return 1 if self.c == 1 else 0
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        """dtype of the gradient written in forward: float32 for float16 responses (their
+        small gradients would underflow before backward applies the loss scale)."""
+        return torch.float32 if self.r.dtype == torch.float16 else self.r.dtype
 
     @property
     def acc(self) -> tl.dtype:
@@ -189,7 +130,7 @@ def check_response(response: torch.Tensor, name: str = "response") -> Layout:
     if response.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(response.shape)}")
     dev = response.device.type
-    if not (dev == "cuda" or (dev == "cpu" and (interpreting() or _compile_only is not None))):
+    if not (dev == "cuda" or (dev == "cpu" and (interpreting() or compiling()))):
         raise ValueError(
             f"{name} is on {response.device}: the Triton kernels need a CUDA tensor "
             "(or TRITON_INTERPRET=1 for CPU tensors)"
@@ -250,8 +191,14 @@ def new_grad(lay: Layout) -> torch.Tensor:
     """Dense, image-major gradient buffer in the response's memory format (no copy of data)."""
     fmt = torch.channels_last if lay.channels_last else torch.contiguous_format
     return torch.empty(
-        (lay.n, lay.c, lay.h, lay.w), dtype=lay.r.dtype, device=lay.r.device, memory_format=fmt
+        (lay.n, lay.c, lay.h, lay.w), dtype=lay.grad_dtype, device=lay.r.device, memory_format=fmt
     )
+
+
+def target_flat(t: torch.Tensor, lay: Layout) -> bool:
+    """Whether a (N, H, W) target's pixels are at unit stride (offset = pixel index)."""
+    _, t_h, t_w = t.stride()
+    return (lay.h == 1 or t_h == lay.w * t_w) and (lay.hw == 1 or t_w == 1)
 
 
 def grad_strides(g: torch.Tensor) -> tuple[int, int, int]:
@@ -297,14 +244,16 @@ def geometry(lay: Layout, *, stencil: bool) -> Geometry:
     Under the interpreter: few, big programs (a program costs ~0.4 ms there).
     """
     c_pow2 = triton.next_power_of_2(lay.c)
-    if interpreting() or (_compile_only is None and lay.r.device.type != "cuda"):
+    if interpreting() or (not compiling() and lay.r.device.type != "cuda"):
         block_c = min(c_pow2, 256)
         block_p = max(16, min(triton.next_power_of_2(lay.hw), 32768 // block_c))
         return Geometry(block_p, block_c, 4)
-    # Checked with ptxas for sm_90 (see benchmarks/kernels.py --compile-report): the
-    # stencil kernels hold nine neighbour tiles and their masks, so they get 4 elements per
-    # thread (~110-140 registers, no spills); the others 8 (~100-130 registers).
-    elems = 1024 if stencil else 2048
+    # Checked with ptxas for sm_90 (python -m dynaguide.kernels._compile_check): registers
+    # grow with the elements each thread holds. The stencil kernels hold nine neighbour
+    # tiles, their masks and 64-bit addresses: at 4 elements per thread (1024 per program)
+    # pass 2 needed 156 registers (one 256-thread CTA per SM), at 2 (512) it needs 64. The
+    # others hold one tile: 8 per thread gave 140 (guidance), 4 gives ~70.
+    elems = 512 if stencil else 1024
     # channels-last: one warp row = 32 channels = 128 contiguous bytes (fp32)
     block_c = min(c_pow2, 32) if lay.channels_last else min(c_pow2, 4 if stencil else 8)
     block_p = max(16, elems // block_c)
@@ -326,14 +275,45 @@ def _inv(count, ACC: tl.constexpr):
 
 
 @triton.jit
-def _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P: tl.constexpr, FLAT: tl.constexpr):
-    """Pixel indices of a program: (p, in-range mask, row i, column j, element offset)."""
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+def _program(n_pblocks):
+    """(pixel block, image) of this program: the grid is one axis of N * n_pblocks programs
+    (axis 0 allows 2**31 - 1; axis 1, at most 65535, would limit the batch)."""
+    pid = tl.program_id(0)
+    n = pid // n_pblocks
+    return pid - n * n_pblocks, n.to(tl.int64)
+
+
+@triton.jit
+def _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, UNIT: tl.constexpr):
+    """Pixel indices of a program: (p, in-range mask, row i, column j, element offset).
+
+    p, i, j are int32 (an image has fewer than 2**31 pixels); the offset is int64.
+    """
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
     i = p // W
     j = p - i * W
-    off = p * s_w if FLAT else i * s_h + j * s_w
+    if FLAT:
+        off = p.to(tl.int64) if UNIT == 2 else p.to(tl.int64) * s_w
+    else:
+        off = i.to(tl.int64) * s_h + j.to(tl.int64) * s_w
     return p, pmask, i, j, off
+
+
+@triton.jit
+def _coffs(c, s_c, UNIT: tl.constexpr):
+    """Element offsets of channels ``c`` (int64): unit stride known at compile time."""
+    return c.to(tl.int64) if UNIT == 1 else c.to(tl.int64) * s_c
+
+
+@triton.jit
+def _goffs(p, c, g_c, g_p, G_CL: tl.constexpr):
+    """[pixels, channels] offsets into a gradient buffer from :func:`new_grad`."""
+    if G_CL:
+        off = (p.to(tl.int64) * g_p)[:, None] + c.to(tl.int64)[None, :]
+    else:
+        off = p.to(tl.int64)[:, None] + (c.to(tl.int64) * g_c)[None, :]
+    return off
 
 
 @triton.jit
@@ -383,6 +363,7 @@ def _stats_loop(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    UNIT: tl.constexpr,
 ):
     """One sweep over the channels of ``BLOCK_P`` pixels.
 
@@ -410,7 +391,7 @@ def _stats_loop(
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
         m2 = pmask[:, None] & cmask[None, :]
-        ptrs = base + pix[:, None] + c.to(tl.int64)[None, :] * s_c
+        ptrs = base + pix[:, None] + _coffs(c, s_c, UNIT)[None, :]
         x = tl.load(ptrs, mask=m2, other=0.0).to(ACC)
         if WANT_CONT:
             cont += _continuity_loss_tile(
@@ -605,222 +586,3 @@ def _row_sum(ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
         b = b0 + tl.arange(0, BLOCK)
         acc += tl.load(ptr + b, mask=b < n, other=0.0).to(ACC)
     return tl.sum(acc, axis=0)
-
-
-# ------------------------------------------------------------------- finalisation
-@triton.jit
-def _finalize_kernel(
-    sim_part_ptr,
-    cont_part_ptr,
-    guide_part_ptr,
-    n_parts,
-    cnt_ptr,
-    cnt_stride,
-    C,
-    nvalid_ptr,
-    nvalid_stride,
-    kmin_ptr,
-    kmin_stride,
-    kmin_scalar,
-    loss_ptr,
-    reduced_ptr,
-    k_ptr,
-    N,
-    HW,
-    sim_w_hi,
-    sim_w_lo,
-    guide_w_hi,
-    guide_w_lo,
-    wp_hi,
-    wp_lo,
-    HAS_SIM: tl.constexpr,
-    HAS_CONT: tl.constexpr,
-    HAS_GUIDE: tl.constexpr,
-    COUNT_K: tl.constexpr,
-    HAS_KMIN: tl.constexpr,
-    WEIGHT_MODE: tl.constexpr,
-    REDUCTION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_PART: tl.constexpr,
-    BLOCK_BINS: tl.constexpr,
-):
-    """One program: per-image losses, K, and the reduced loss, all on device.
-
-    per_image[n] = sim_w * sim[n] + w(K_eff[n]) * cont[n] + guide_w * guide[n], with
-    sim[n] = sum(partials) / HW, cont[n] = sum(partials) (already per-direction means),
-    guide[n] = sum(partials) / max(valid pixels, 1).
-    """
-    sim_w = _join(sim_w_hi, sim_w_lo, ACC)
-    guide_w = _join(guide_w_hi, guide_w_lo, ACC)
-    wparam = _join(wp_hi, wp_lo, ACC)
-    total = tl.zeros([], ACC)
-    for n in range(0, N):
-        n64 = tl.cast(n, tl.int64)
-        per = tl.zeros([], ACC)
-        k = tl.zeros([], tl.int32)
-        if COUNT_K:
-            k = _count_labels(cnt_ptr + n64 * cnt_stride, C, BLOCK_BINS)
-            tl.store(k_ptr + n64, k.to(tl.int64))
-        if HAS_SIM:
-            per += (
-                sim_w
-                * _row_sum(sim_part_ptr + n64 * n_parts, n_parts, BLOCK_PART, ACC)
-                / tl.cast(HW, ACC)
-            )
-        if HAS_CONT:
-            kmin = tl.zeros([], tl.int32) + kmin_scalar
-            if HAS_KMIN:
-                kmin = tl.maximum(kmin, tl.load(kmin_ptr + n64 * kmin_stride).to(tl.int32))
-            w = _dyn_weight(k, kmin, wparam, WEIGHT_MODE, ACC)
-            per += w * _row_sum(cont_part_ptr + n64 * n_parts, n_parts, BLOCK_PART, ACC)
-        if HAS_GUIDE:
-            nv = tl.load(nvalid_ptr + n64 * nvalid_stride).to(ACC)
-            g = _row_sum(guide_part_ptr + n64 * n_parts, n_parts, BLOCK_PART, ACC)
-            per += guide_w * g / tl.maximum(nv, 1.0)
-        tl.store(loss_ptr + n64, per)
-        total += per
-    if REDUCTION == 1:
-        total = total / tl.cast(N, ACC)
-    tl.store(reduced_ptr, total)
-
-
-def finalize(
-    lay: Layout,
-    reduction: int,
-    n_parts: int,
-    *,
-    sim_part: torch.Tensor | None = None,
-    cont_part: torch.Tensor | None = None,
-    guide_part: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
-    nvalid: torch.Tensor | None = None,
-    count_k: bool = False,
-    k_min: torch.Tensor | None = None,
-    k_min_scalar: int = 0,
-    weight_mode: int = 0,
-    weight_param: float = 1.0,
-    sim_weight: float = 1.0,
-    guide_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch :func:`_finalize_kernel`; return (loss as the reduction asks, K or None).
-
-    ``counts`` is the int32 (N, >= C) histogram buffer; ``nvalid`` an int tensor whose
-    ``[n]`` (first column for 2-D) is image n's valid-pixel count.
-    """
-    dev = lay.r.device
-    per_image = torch.empty(lay.n, dtype=lay.loss_dtype, device=dev)
-    reduced = torch.empty((), dtype=lay.loss_dtype, device=dev)
-    k = torch.empty(lay.n, dtype=torch.int64, device=dev) if count_k else None
-    any_part = next(p for p in (sim_part, cont_part, guide_part) if p is not None)
-    nv_stride = 0 if nvalid is None else nvalid.stride(0)
-    launch(
-        _finalize_kernel,
-        (1,),
-        sim_part if sim_part is not None else any_part,
-        cont_part if cont_part is not None else any_part,
-        guide_part if guide_part is not None else any_part,
-        n_parts,
-        counts if counts is not None else any_part,
-        0 if counts is None else counts.stride(0),
-        lay.c,
-        nvalid if nvalid is not None else any_part,
-        nv_stride,
-        k_min if k_min is not None else any_part,
-        0 if k_min is None or k_min.dim() == 0 else k_min.stride(0),
-        k_min_scalar,
-        per_image,
-        reduced,
-        k if k is not None else per_image,
-        lay.n,
-        lay.hw,
-        *split_float(sim_weight),
-        *split_float(guide_weight),
-        *split_float(weight_param),
-        HAS_SIM=sim_part is not None,
-        HAS_CONT=cont_part is not None,
-        HAS_GUIDE=guide_part is not None,
-        COUNT_K=count_k,
-        HAS_KMIN=k_min is not None,
-        WEIGHT_MODE=weight_mode,
-        REDUCTION=reduction,
-        ACC=lay.acc,
-        BLOCK_PART=min(1024, triton.next_power_of_2(n_parts)),
-        BLOCK_BINS=min(1024, triton.next_power_of_2(lay.c)),
-        num_warps=4,
-    )
-    loss = (per_image if lay.batched else per_image[0]) if reduction == 0 else reduced
-    return loss, k
-
-
-# ---------------------------------------------------------------------- backward
-@triton.jit
-def _scale_grad_kernel(
-    g_ptr,
-    go_ptr,
-    go_stride,
-    numel,
-    per_image,
-    PER_IMAGE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """g *= grad_output (in place), one value per image or one scalar.
-
-    The check ``grad_output == 1`` happens on the device, per program: programs whose
-    factors are all 1 neither read nor write, so ``loss.backward()`` costs no pass over
-    the gradient and the host never synchronises.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    if PER_IMAGE:
-        go = tl.load(go_ptr + (offs // per_image) * go_stride, mask=mask, other=1.0).to(ACC)
-    else:
-        go = tl.load(go_ptr + offs * 0, mask=mask, other=1.0).to(ACC)
-    if tl.sum((go != 1.0).to(tl.int32), axis=0) > 0:
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(g_ptr + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
-
-
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, batched: bool) -> torch.Tensor:
-    """Scale the stored gradient (N, C, H, W) by ``grad_output`` in place; return it shaped
-    like the response ((C, H, W) when not ``batched``)."""
-    n = grad.shape[0]
-    per_image = grad_output.dim() > 0 and grad_output.numel() > 1
-    numel = grad.numel()
-    block = 32768 if interpreting() else 4096
-    go = grad_output if grad_output.dim() > 0 else grad_output.reshape(1)
-    launch(
-        _scale_grad_kernel,
-        (triton.cdiv(numel, block),),
-        grad,
-        go,
-        go.stride(0) if per_image else 0,
-        numel,
-        numel // n,
-        PER_IMAGE=per_image,
-        ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
-        BLOCK=block,
-        num_warps=8,
-    )
-    return grad if batched else grad[0]
-
-
-class GradStore:
-    """Helpers shared by the autograd Functions: the gradient is computed in forward,
-    saved, and backward rescales it in place (only once: a second backward through the
-    same graph would see an already scaled gradient, so it raises)."""
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor | None:
-        """Return d(loss)/d(response) scaled by ``grad_output``."""
-        if not ctx.needs_input_grad[0]:
-            return None
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError(
-                "dynaguide.kernels losses support a single backward per forward (the stored "
-                "gradient is scaled in place); recompute the loss instead of retain_graph=True"
-            )
-        ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        return scale_grad_(grad, grad_output, ctx.batched)

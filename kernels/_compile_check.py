@@ -98,14 +98,60 @@ def compile_report(arch: int = 90, *, quick: bool = False) -> list[dict[str, Any
     return rows
 
 
+# Image sizes that differ in every way Triton used to specialise on: H*W, H and W even/odd,
+# multiples of 16 or not, 1-pixel rows, portrait and landscape.
+SIZES = [(321, 481), (481, 321), (320, 480), (17, 33), (16, 16), (1, 40), (40, 1), (31, 64),
+         (64, 31), (100, 75), (7, 9), (256, 256)]  # fmt: skip
+
+
+def variant_report(
+    sizes: list[tuple[int, int]] | None = None, arch: int = 90, channels: int = 100
+) -> dict[str, int]:
+    """Distinct compiled variants per kernel over image ``sizes`` (default :data:`SIZES`).
+
+    Runs the training loop's calls (the fused objective with and without guidance, as
+    channels-last float32 and bfloat16, forward and backward) for each size under
+    :func:`compile_only`; a size that needs no new compilation reuses Triton's cached
+    kernel, so the counts are the number of specialisations a run over these sizes compiles.
+    """
+    import dynaguide.kernels as K
+
+    variants: dict[str, set[str]] = {}
+    for h, w in sizes or SIZES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, channels, h, w, dtype=dtype).contiguous(
+                memory_format=torch.channels_last
+            )
+            t = torch.randint(-1, channels, (h, w))
+            with K.compile_only(arch) as compiled:
+                r = x[0].requires_grad_()
+                K.dynaguide_loss(r, t, weight="dynaguide", k_min=torch.tensor(0)).loss.backward()
+                r.grad = None
+                K.dynaguide_loss(r, weight="dynaguide", k_min=1).loss.backward()
+            for name, kernel in compiled:
+                variants.setdefault(name, set()).add(kernel.hash)
+    return {name: len(v) for name, v in sorted(variants.items())}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print one JSON object per compiled kernel; exit status 0 when all compiled."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
     parser.add_argument("--quick", action="store_true", help="three cases instead of five")
+    parser.add_argument(
+        "--variants",
+        type=int,
+        default=0,
+        metavar="K",
+        help="instead: compiled variants per kernel over the first K sizes of SIZES",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter replaces kernels at definition time")
+    if args.variants:
+        sizes = SIZES[: args.variants]
+        print(json.dumps({"sizes": sizes, "variants": variant_report(sizes, args.arch)}))
+        return 0
     for row in compile_report(args.arch, quick=args.quick):
         print(json.dumps(row))
     return 0

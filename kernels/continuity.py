@@ -31,27 +31,44 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    GradStore,
     Layout,
+    _coffs,
     _continuity_grad_tile,
     _continuity_loss_tile,
+    _goffs,
     _inv,
     _join,
     _pixels,
+    _program,
     check_continuity_options,
     check_reduction,
     check_response,
     direction_counts,
-    finalize,
     geometry,
     grad_strides,
     launch,
     new_grad,
     split_float,
 )
+from ._finalize import GradStore, finalize
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "H",
+        "W",
+        "HW",
+        "n_pblocks",
+        "s_n",
+        "s_c",
+        "s_h",
+        "g_n",
+        "g_c",
+        "cnt_v",
+        "cnt_h",
+        "cnt_d",
+    ]
+)
 def _continuity_kernel(
     r_ptr,
     g_ptr,
@@ -79,14 +96,15 @@ def _continuity_kernel(
     EIGHT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     FLAT: tl.constexpr,
+    UNIT: tl.constexpr,
+    G_CL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (pixel blocks, N). Writes one loss partial per program and, optionally, the gradient."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT)
+    """Grid (N * pixel blocks,). Writes one loss partial per program and, optionally, the gradient."""
+    pid_p, n = _program(n_pblocks)
+    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT, UNIT)
     has_up = i > 0
     has_dn = i < H - 1
     has_lt = j > 0
@@ -101,9 +119,8 @@ def _continuity_kernel(
     loss = tl.zeros([BLOCK_P], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c64 = c.to(tl.int64)
         m2 = pmask[:, None] & (c < C)[None, :]
-        ptrs = base + pix[:, None] + c64[None, :] * s_c
+        ptrs = base + pix[:, None] + _coffs(c, s_c, UNIT)[None, :]
         x = tl.load(ptrs, mask=m2, other=0.0).to(ACC)
         loss += _continuity_loss_tile(
             x, ptrs, m2, has_dn, has_rt, s_h, s_w, inv_v, inv_h, inv_d, delta, IS_HUBER, EIGHT, ACC
@@ -113,7 +130,7 @@ def _continuity_kernel(
                 x, ptrs, m2, has_up, has_dn, has_lt, has_rt, s_h, s_w, inv_v, inv_h, inv_d, delta,
                 IS_HUBER, EIGHT, ACC,
             )  # fmt: skip
-            gptrs = gbase + (p * g_p)[:, None] + c64[None, :] * g_c
+            gptrs = gbase + _goffs(p, c, g_c, g_p, G_CL)
             tl.store(gptrs, (g * gscale).to(g_ptr.dtype.element_ty), mask=m2)
     tl.store(part_ptr + n * n_pblocks + pid_p, tl.sum(loss, axis=0))
 
@@ -131,7 +148,7 @@ def continuity_forward(
     gscale = 1.0 / lay.n if reduction == 1 else 1.0
     launch(
         _continuity_kernel,
-        (n_pb, lay.n),
+        (n_pb * lay.n,),
         lay.r,
         g,
         part,
@@ -151,6 +168,8 @@ def continuity_forward(
         EIGHT=neighbors == 8,
         WRITE_GRAD=need_grad,
         FLAT=lay.flat,
+        UNIT=lay.unit,
+        G_CL=lay.channels_last,
         ACC=lay.acc,
         BLOCK_P=geo.block_p,
         BLOCK_C=geo.block_c,
@@ -172,9 +191,7 @@ class ContinuityLoss(torch.autograd.Function):
         loss, grad = continuity_forward(
             lay, penalty, neighbors, float(delta), red, ctx.needs_input_grad[0]
         )
-        ctx.batched = lay.batched
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        GradStore.save(ctx, lay, grad)
         return loss
 
     @staticmethod

@@ -64,16 +64,18 @@ import triton.language as tl
 
 from ._common import (
     WEIGHT_MODES,
-    GradStore,
     Layout,
     _add_histogram,
+    _coffs,
     _continuity_grad_tile,
     _count_labels,
     _dyn_weight,
+    _goffs,
     _inv,
     _join,
     _log1p,
     _pixels,
+    _program,
     _stats_loop,
     check_continuity_options,
     check_int,
@@ -81,13 +83,14 @@ from ._common import (
     check_response,
     check_target,
     direction_counts,
-    finalize,
     geometry,
     grad_strides,
     launch,
     new_grad,
     split_float,
+    target_flat,
 )
+from ._finalize import GradStore, finalize
 
 
 class DynaGuideLoss(NamedTuple):
@@ -98,7 +101,22 @@ class DynaGuideLoss(NamedTuple):
     n_labels: torch.Tensor
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "H",
+        "W",
+        "HW",
+        "n_pblocks",
+        "s_n",
+        "s_c",
+        "s_h",
+        "t_n",
+        "t_h",
+        "cnt_v",
+        "cnt_h",
+        "cnt_d",
+    ]
+)
 def _pass1_kernel(
     r_ptr,
     t_ptr,
@@ -135,27 +153,27 @@ def _pass1_kernel(
     STORE_STATS: tl.constexpr,
     FLAT: tl.constexpr,
     T_FLAT: tl.constexpr,
+    UNIT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
-    """Grid (pixel blocks, N): labels, m, t, histogram, valid count, loss partials."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT)
-    tc = tl.zeros([BLOCK_P], tl.int64)
+    """Grid (N * pixel blocks,): labels, m, t, histogram, valid count, loss partials."""
+    pid_p, n = _program(n_pblocks)
+    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT, UNIT)
+    tc = tl.zeros([BLOCK_P], tl.int32)
     valid = pmask
     if HAS_GUIDE:
-        toff = p * t_w if T_FLAT else i * t_h + j * t_w
+        toff = p.to(tl.int64) if T_FLAT else i.to(tl.int64) * t_h + j.to(tl.int64) * t_w
         t = tl.load(t_ptr + n * t_n + toff, mask=pmask, other=0).to(tl.int64)
         valid = pmask & (t != ignore_index)
-        tc = tl.maximum(t, 0)
+        tc = tl.maximum(t, 0).to(tl.int32)  # < C
     base = r_ptr + n * s_n
     m, t, idx, xt, cont = _stats_loop(
         base, pix, pmask, i < H - 1, j < W - 1, tc, C, s_c, s_h, s_w,
         _inv(cnt_v, ACC), _inv(cnt_h, ACC), _inv(cnt_d, ACC), _join(delta_hi, delta_lo, ACC),
-        HAS_GUIDE, HAS_CONT, IS_HUBER, EIGHT, ACC, BLOCK_P, BLOCK_C,
+        HAS_GUIDE, HAS_CONT, IS_HUBER, EIGHT, ACC, BLOCK_P, BLOCK_C, UNIT,
     )  # fmt: skip
     logs = _log1p(t)
     tl.store(labels_ptr + n * HW + p, idx.to(tl.int64), mask=pmask)
@@ -173,7 +191,25 @@ def _pass1_kernel(
         tl.atomic_add(row + C, tl.sum(valid.to(tl.int32), axis=0), sem="relaxed")
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "H",
+        "W",
+        "HW",
+        "n_pblocks",
+        "kmin_scalar",
+        "s_n",
+        "s_c",
+        "s_h",
+        "t_n",
+        "t_h",
+        "g_n",
+        "g_c",
+        "cnt_v",
+        "cnt_h",
+        "cnt_d",
+    ]
+)
 def _pass2_kernel(
     r_ptr,
     t_ptr,
@@ -187,6 +223,7 @@ def _pass2_kernel(
     H,
     W,
     HW,
+    n_pblocks,
     cnt_stride,
     ignore_index,
     kmin_stride,
@@ -222,29 +259,30 @@ def _pass2_kernel(
     EIGHT: tl.constexpr,
     FLAT: tl.constexpr,
     T_FLAT: tl.constexpr,
+    UNIT: tl.constexpr,
+    G_CL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_BINS: tl.constexpr,
 ):
-    """Grid (pixel blocks, N): d(total)/d(response), with w(K_eff) read from device memory."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT)
+    """Grid (N * pixel blocks,): d(total)/d(response), with w(K_eff) read from device memory."""
+    pid_p, n = _program(n_pblocks)
+    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT, UNIT)
     red = _join(red_hi, red_lo, ACC)
     row = cnt_ptr + n * cnt_stride
-    lab = tl.load(labels_ptr + n * HW + p, mask=pmask, other=0)
+    lab = tl.load(labels_ptr + n * HW + p, mask=pmask, other=0).to(tl.int32)
     mx = tl.load(max_ptr + n * HW + p, mask=pmask, other=0.0)
     rest = tl.load(rest_ptr + n * HW + p, mask=pmask, other=0.0)
     inv_s = 1.0 / (1.0 + rest)
     pm1 = (-rest * inv_s)[:, None]  # p - 1 at the label, without cancellation
     sim_scale = _join(simw_hi, simw_lo, ACC) * red / tl.cast(HW, ACC)
-    tc = tl.zeros([BLOCK_P], tl.int64)
+    tc = tl.zeros([BLOCK_P], tl.int32)
     gw = tl.zeros([BLOCK_P], ACC)
     if HAS_GUIDE:
-        toff = p * t_w if T_FLAT else i * t_h + j * t_w
+        toff = p.to(tl.int64) if T_FLAT else i.to(tl.int64) * t_h + j.to(tl.int64) * t_w
         t = tl.load(t_ptr + n * t_n + toff, mask=pmask, other=0).to(tl.int64)
-        tc = tl.maximum(t, 0)
+        tc = tl.maximum(t, 0).to(tl.int32)  # < C
         nv = tl.load(row + C).to(ACC)
         scale = _join(guidew_hi, guidew_lo, ACC) * red / tl.maximum(nv, 1.0)
         gw = tl.where(pmask & (t != ignore_index), scale, 0.0)
@@ -268,21 +306,20 @@ def _pass2_kernel(
     gbase = g_ptr + n * g_n
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c64 = c.to(tl.int64)
         m2 = pmask[:, None] & (c < C)[None, :]
-        ptrs = base + pix[:, None] + c64[None, :] * s_c
+        ptrs = base + pix[:, None] + _coffs(c, s_c, UNIT)[None, :]
         x = tl.load(ptrs, mask=m2, other=0.0).to(ACC)
         prob = tl.exp(x - mx[:, None]) * inv_s[:, None]
-        g = tl.where(c64[None, :] == lab[:, None], pm1, prob) * sim_scale
+        g = tl.where(c[None, :] == lab[:, None], pm1, prob) * sim_scale
         if HAS_GUIDE:
-            hit = c64[None, :] == tc[:, None]
+            hit = c[None, :] == tc[:, None]
             g += tl.where(hit, tl.where(at_lab, pm1, prob - 1.0), prob) * gw[:, None]
         if HAS_CONT:
             g += wc * _continuity_grad_tile(
                 x, ptrs, m2, has_up, has_dn, has_lt, has_rt, s_h, s_w, inv_v, inv_h, inv_d, delta,
                 IS_HUBER, EIGHT, ACC,
             )  # fmt: skip
-        gptrs = gbase + (p * g_p)[:, None] + c64[None, :] * g_c
+        gptrs = gbase + _goffs(p, c, g_c, g_p, G_CL)
         tl.store(gptrs, g.to(g_ptr.dtype.element_ty), mask=m2)
 
 
@@ -347,17 +384,19 @@ def fused_forward(
     geo1 = geometry(lay, stencil=has_cont)
     n_pb = geo1.n_pblocks(lay.hw)
     labels = torch.empty((lay.n, lay.h, lay.w), dtype=torch.int64, device=dev)
-    # per-pixel softmax statistics for pass 2: max m and t = sum of the other exp(x - m)
-    stats = torch.empty((2, lay.n, lay.h, lay.w), dtype=lay.loss_dtype, device=dev)
+    # Per-pixel softmax statistics for pass 2: max m and t = sum of the other exp(x - m).
+    # Separate allocations (not views of one buffer): every pointer argument then has the
+    # allocator's alignment, which Triton specialises on, whatever the image size.
+    stats = [torch.empty((lay.n, lay.h, lay.w), dtype=lay.loss_dtype, device=dev) for _ in "mt"]
     counts = torch.zeros((lay.n, lay.c + 1), dtype=torch.int32, device=dev)  # histogram | valid
-    parts = torch.empty((3, lay.n, n_pb), dtype=lay.loss_dtype, device=dev)
+    parts = [torch.empty((lay.n, n_pb), dtype=lay.loss_dtype, device=dev) for _ in "scg"]
     tt = t if t is not None else labels
     t_n, t_h, t_w = tt.stride()
-    t_flat = lay.h == 1 or t_h == lay.w * t_w
+    t_flat = target_flat(tt, lay)
     counts_dir = direction_counts(lay)
     launch(
         _pass1_kernel,
-        (n_pb, lay.n),
+        (n_pb * lay.n,),
         lay.r,
         tt,
         labels,
@@ -387,6 +426,7 @@ def fused_forward(
         STORE_STATS=need_grad,
         FLAT=lay.flat,
         T_FLAT=t_flat,
+        UNIT=lay.unit,
         ACC=lay.acc,
         BLOCK_P=geo1.block_p,
         BLOCK_C=geo1.block_c,
@@ -415,9 +455,10 @@ def fused_forward(
         return loss, labels, k, None
     grad = new_grad(lay)
     geo2 = geometry(lay, stencil=has_cont)
+    n_pb2 = geo2.n_pblocks(lay.hw)
     launch(
         _pass2_kernel,
-        (geo2.n_pblocks(lay.hw), lay.n),
+        (n_pb2 * lay.n,),
         lay.r,
         tt,
         labels,
@@ -430,6 +471,7 @@ def fused_forward(
         lay.h,
         lay.w,
         lay.hw,
+        n_pb2,
         counts.stride(0),
         ignore_index,
         0 if k_min is None or k_min.dim() == 0 else k_min.stride(0),
@@ -453,6 +495,8 @@ def fused_forward(
         EIGHT=neighbors == 8,
         FLAT=lay.flat,
         T_FLAT=t_flat,
+        UNIT=lay.unit,
+        G_CL=lay.channels_last,
         ACC=lay.acc,
         BLOCK_P=geo2.block_p,
         BLOCK_C=geo2.block_c,
@@ -482,9 +526,7 @@ class FusedDynaGuideLoss(torch.autograd.Function):
         loss, labels, k, grad = fused_forward(
             lay, t, k_min=k_min, need_grad=ctx.needs_input_grad[0], **opts
         )
-        ctx.batched = lay.batched
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        GradStore.save(ctx, lay, grad)
         if not lay.batched:
             labels, k = labels[0], k[0]
         ctx.mark_non_differentiable(labels, k)

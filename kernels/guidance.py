@@ -25,26 +25,31 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    GradStore,
     Layout,
+    _coffs,
+    _goffs,
     _join,
     _log1p,
     _pixels,
+    _program,
     _stats_loop,
     check_int,
     check_reduction,
     check_response,
     check_target,
-    finalize,
     geometry,
     grad_strides,
     launch,
     new_grad,
     split_float,
+    target_flat,
 )
+from ._finalize import GradStore, finalize
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["W", "HW", "n_pblocks", "s_n", "s_c", "s_h", "t_n", "t_h", "g_n", "g_c"]
+)
 def _guidance_kernel(
     r_ptr,
     t_ptr,
@@ -71,22 +76,23 @@ def _guidance_kernel(
     WRITE_GRAD: tl.constexpr,
     FLAT: tl.constexpr,
     T_FLAT: tl.constexpr,
+    UNIT: tl.constexpr,
+    G_CL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (pixel blocks, N): loss partial over valid pixels and the gradient."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT)
-    toff = p * t_w if T_FLAT else i * t_h + j * t_w
+    """Grid (N * pixel blocks,): loss partial over valid pixels and the gradient."""
+    pid_p, n = _program(n_pblocks)
+    p, pmask, i, j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT, UNIT)
+    toff = p.to(tl.int64) if T_FLAT else i.to(tl.int64) * t_h + j.to(tl.int64) * t_w
     t = tl.load(t_ptr + n * t_n + toff, mask=pmask, other=0).to(tl.int64)
     valid = pmask & (t != ignore_index)
-    tc = tl.maximum(t, 0)
+    tc = tl.maximum(t, 0).to(tl.int32)  # < C
     base = r_ptr + n * s_n
     m, t, idx, xt, _cont = _stats_loop(
         base, pix, pmask, pmask, pmask, tc, C, s_c, s_h, s_w, 1.0, 1.0, 1.0, 1.0,
-        True, False, False, False, ACC, BLOCK_P, BLOCK_C,
+        True, False, False, False, ACC, BLOCK_P, BLOCK_C, UNIT,
     )  # fmt: skip
     ce = (m - xt) + _log1p(t)  # (m - x_t) first: exact 0 when the target is the argmax
     tl.store(part_ptr + n * n_pblocks + pid_p, tl.sum(tl.where(valid, ce, 0.0), axis=0))
@@ -96,17 +102,16 @@ def _guidance_kernel(
         w = tl.where(valid, scale, 0.0)
         inv_s = 1.0 / (1.0 + t)
         pm1 = (-t * inv_s)[:, None]  # p - 1 at the argmax, without cancellation
-        at_max = (tc == idx.to(tl.int64))[:, None]
+        at_max = (tc == idx)[:, None]
         gbase = g_ptr + n * g_n
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            c64 = c.to(tl.int64)
             m2 = pmask[:, None] & (c < C)[None, :]
-            x = tl.load(base + pix[:, None] + c64[None, :] * s_c, mask=m2, other=0.0).to(ACC)
-            prob = tl.exp(x - m[:, None]) * inv_s[:, None]
-            hit = c64[None, :] == tc[:, None]
+            x = tl.load(base + pix[:, None] + _coffs(c, s_c, UNIT)[None, :], mask=m2, other=0.0)
+            prob = tl.exp(x.to(ACC) - m[:, None]) * inv_s[:, None]
+            hit = c[None, :] == tc[:, None]
             g = tl.where(hit, tl.where(at_max, pm1, prob - 1.0), prob) * w[:, None]
-            gptrs = gbase + (p * g_p)[:, None] + c64[None, :] * g_c
+            gptrs = gbase + _goffs(p, c, g_c, g_p, G_CL)
             tl.store(gptrs, g.to(g_ptr.dtype.element_ty), mask=m2)
 
 
@@ -134,7 +139,7 @@ def guidance_forward(
     t_n, t_h, t_w = t.stride()
     launch(
         _guidance_kernel,
-        (n_pb, lay.n),
+        (n_pb * lay.n,),
         lay.r,
         t,
         grad if grad is not None else part,
@@ -155,7 +160,9 @@ def guidance_forward(
         *split_float(1.0 / lay.n if reduction == 1 else 1.0),
         WRITE_GRAD=need_grad,
         FLAT=lay.flat,
-        T_FLAT=lay.h == 1 or t_h == lay.w * t_w,
+        T_FLAT=target_flat(t, lay),
+        UNIT=lay.unit,
+        G_CL=lay.channels_last,
         ACC=lay.acc,
         BLOCK_P=geo.block_p,
         BLOCK_C=geo.block_c,
@@ -176,9 +183,7 @@ class GuidanceLoss(torch.autograd.Function):
         t = check_target(target, lay)
         red = check_reduction(reduction)
         loss, grad = guidance_forward(lay, t, ignore_index, red, ctx.needs_input_grad[0])
-        ctx.batched = lay.batched
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        GradStore.save(ctx, lay, grad)
         return loss
 
     @staticmethod

@@ -32,25 +32,27 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    GradStore,
     Layout,
     _add_histogram,
+    _coffs,
+    _goffs,
     _join,
     _log1p,
     _pixels,
+    _program,
     _stats_loop,
     check_reduction,
     check_response,
-    finalize,
     geometry,
     grad_strides,
     launch,
     new_grad,
     split_float,
 )
+from ._finalize import GradStore, finalize
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["W", "HW", "n_pblocks", "s_n", "s_c", "s_h", "g_n", "g_c"])
 def _similarity_kernel(
     r_ptr,
     g_ptr,
@@ -73,19 +75,20 @@ def _similarity_kernel(
     gscale_lo,
     WRITE_GRAD: tl.constexpr,
     FLAT: tl.constexpr,
+    UNIT: tl.constexpr,
+    G_CL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
-    """Grid (pixel blocks, N): labels, histogram atomics, loss partial, gradient."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    p, pmask, _i, _j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT)
+    """Grid (N * pixel blocks,): labels, histogram atomics, loss partial, gradient."""
+    pid_p, n = _program(n_pblocks)
+    p, pmask, _i, _j, pix = _pixels(pid_p, HW, W, s_h, s_w, BLOCK_P, FLAT, UNIT)
     base = r_ptr + n * s_n
     m, t, idx, _xt, _cont = _stats_loop(
         base, pix, pmask, pmask, pmask, tl.zeros([BLOCK_P], tl.int64), C, s_c, s_h, s_w,
-        1.0, 1.0, 1.0, 1.0, False, False, False, False, ACC, BLOCK_P, BLOCK_C,
+        1.0, 1.0, 1.0, 1.0, False, False, False, False, ACC, BLOCK_P, BLOCK_C, UNIT,
     )  # fmt: skip
     tl.store(labels_ptr + n * HW + p, idx.to(tl.int64), mask=pmask)
     _add_histogram(cnt_ptr + n * cnt_stride, idx, pmask, C, NUM_BINS)
@@ -97,12 +100,12 @@ def _similarity_kernel(
         gbase = g_ptr + n * g_n
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            c64 = c.to(tl.int64)
             m2 = pmask[:, None] & (c < C)[None, :]
-            x = tl.load(base + pix[:, None] + c64[None, :] * s_c, mask=m2, other=0.0).to(ACC)
+            x = tl.load(base + pix[:, None] + _coffs(c, s_c, UNIT)[None, :], mask=m2, other=0.0)
+            x = x.to(ACC)
             prob = tl.exp(x - m[:, None]) * inv_s[:, None]
             g = tl.where(c[None, :] == idx[:, None], pm1[:, None], prob)
-            gptrs = gbase + (p * g_p)[:, None] + c64[None, :] * g_c
+            gptrs = gbase + _goffs(p, c, g_c, g_p, G_CL)
             tl.store(gptrs, (g * gscale).to(g_ptr.dtype.element_ty), mask=m2)
 
 
@@ -121,7 +124,7 @@ def similarity_forward(
     gscale = (1.0 / lay.hw) * (1.0 / lay.n if reduction == 1 else 1.0)
     launch(
         _similarity_kernel,
-        (n_pb, lay.n),
+        (n_pb * lay.n,),
         lay.r,
         grad if grad is not None else part,
         labels,
@@ -139,6 +142,8 @@ def similarity_forward(
         *split_float(gscale),
         WRITE_GRAD=need_grad,
         FLAT=lay.flat,
+        UNIT=lay.unit,
+        G_CL=lay.channels_last,
         ACC=lay.acc,
         BLOCK_P=geo.block_p,
         BLOCK_C=geo.block_c,
@@ -158,9 +163,7 @@ class SimilarityLoss(torch.autograd.Function):
         lay = check_response(response)
         red = check_reduction(reduction)
         loss, labels, k, grad = similarity_forward(lay, red, ctx.needs_input_grad[0])
-        ctx.batched = lay.batched
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        GradStore.save(ctx, lay, grad)
         if not lay.batched:
             labels, k = labels[0], k[0]
         ctx.mark_non_differentiable(labels, k)

@@ -73,8 +73,8 @@ def test_pixel_budget_refuses_before_decoding(tmp_path: Path, monkeypatch) -> No
 def test_large_downscale_is_reduced_first_and_small_ones_unchanged() -> None:
     from skimage.transform import resize
 
-    from dynaguide.pipeline import resize_image as _resize_image
     from dynaguide.io import reduce_for_resize
+    from dynaguide.pipeline import resize_image as _resize_image
 
     small = _img(300, 200)
     assert reduce_for_resize(small, (30, 20)) is small  # below 16 MP: results unchanged

@@ -113,58 +113,51 @@ def test_sparse_checks_as_on_cuda(monkeypatch):
         refine_batch(images[:1], cfg, check_every=0)
 
 
-def test_fused_triton_objective_matches_solo():
-    """The Triton backend (fused objective, guide aligned to the previous labels; under
-    TRITON_INTERPRET=1 on CPU): mixed batches where a guided image's first iteration takes
-    the unfused path while the others take the fused one, at the start and at a join."""
+def _assert_close_runs(solo: RefineResult, batched: RefineResult) -> None:
+    """Solo and batched runs on a GPU: grouped and single convolutions round differently
+    (and cuDNN may pick nondeterministic algorithms), so near-ties of the argmax can flip
+    and a K-floor stop can move by an iteration. Same first loss, labels on nearly every
+    pixel, losses close."""
+    assert abs(batched.n_iter - solo.n_iter) <= 1
+    n = min(solo.n_iter, batched.n_iter)
+    np.testing.assert_allclose(batched.loss_history[:1], solo.loss_history[:1], rtol=1e-4)
+    np.testing.assert_allclose(batched.loss_history[:n], solo.loss_history[:n], rtol=2e-2)
+    assert np.all(np.abs(np.subtract(batched.k_history[:n], solo.k_history[:n])) <= 3)
+    agree = (batched.labels == solo.labels).float().mean().item()
+    assert agree >= 0.9, agree
+
+
+def test_fused_triton_objective_matches_solo(monkeypatch):
+    """The Triton backend (fused objective, guide aligned to the previous labels): mixed
+    batches where a guided image's first iteration takes the unfused path while the others
+    take the fused one, at the start and at a join. On CUDA tensors when a GPU is present,
+    else on CPU tensors under TRITON_INTERPRET=1 (set by conftest), bit for bit there."""
     from dynaguide import backend
 
-    if not backend.available("triton") or not (
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    ):
+    on_gpu = torch.cuda.is_available()
+    if not backend.available("triton") or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:  # fewer sources of divergence: no TF32, deterministic cuDNN algorithms
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = get_preset("dynaguide").replace(max_iter=5, min_labels=20, convergence_tol=0.0)
     images = [_image(12, 14, s) for s in range(3)]
     guides = [_guide(images[0], 0), None, _guide(images[2], 2)]
     solo = [
-        refine(im, cfg, guide_labels=g, seed=i, backend="triton")
+        refine(im, cfg, guide_labels=g, seed=i, backend="triton", device=device)
         for i, (im, g) in enumerate(zip(images, guides, strict=True))
     ]
     batched = refine_batch(
-        images, cfg, guide_labels=guides, seed=[0, 1, 2], batch_size=2, backend="triton"
-    )
-    for a, b in zip(solo, batched, strict=True):
-        _assert_same(a, b)
-    assert solo[0].n_iter < solo[1].n_iter  # image 2 joined while image 1 went on
-
-
-def test_convergence_rule_silhouette_floor_and_eval_final_pass():
-    """DynaSeg with the silhouette phase (K floor in the weight and as stop rule), the
-    convergence rule and the reference preset's eval-mode final pass (BN running stats)."""
-    fsf = get_preset("dynaseg-fsf").replace(
-        max_iter=10, silhouette_k=(3, 4), silhouette_samples=100, silhouette_stop=True,
-        convergence_tol=0.5, convergence_window=3,
+        images, cfg, guide_labels=guides, seed=[0, 1, 2], batch_size=2, backend="triton",
+        device=device,
     )  # fmt: skip
-    flat = np.full((12, 14, 3), 120, np.uint8)
-    images = [_image(12, 14, 0), flat, _image(12, 14, 2)]
-    solo = [refine(img, fsf, seed=i) for i, img in enumerate(images)]
-    batched = refine_batch(images, fsf, seed=[0, 1, 2], batch_size=2)
     for a, b in zip(solo, batched, strict=True):
-        _assert_same(a, b)
-    assert any(r.stop_reason.startswith("converged") for r in solo)
-
-    ref = get_preset("dynaguide-reference").replace(max_iter=4)
-    images = [_image(10, 12, 3), _image(10, 12, 4)]
-    guides = [_guide(images[0], 0), _guide(images[1], 1)]
-    solo = [refine(img, ref, guide_labels=g, seed=1) for img, g in zip(images, guides, strict=True)]
-    batched = refine_batch(images, ref, guide_labels=guides, seed=1, batch_size=2)
-    for a, b in zip(solo, batched, strict=True):
-        _assert_same(a, b)
-        # the extracted per-image network is the solo network after training
-        for (name, p), q in zip(
-            a.model.state_dict().items(), b.model.state_dict().values(), strict=True
-        ):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        assert b.labels.device.type == device
+        (_assert_close_runs if on_gpu else _assert_same)(a, b)
+    if not on_gpu:  # the scenario (verified on CPU): image 2 joined while image 1 went on
+        assert solo[0].n_iter < solo[1].n_iter
 
 
 def test_vmap_matches_grouped():

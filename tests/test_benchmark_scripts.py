@@ -38,3 +38,71 @@ def test_kernels_script_tiny(tmp_path):
     assert module.main(["--tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
     data = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
     assert data
+
+
+def test_refine_cpu_authors_loop_matches_the_library_objective():
+    """The benchmark's written-out authors' loop computes the library's objective: with the
+    released code's guide mapping, its first iterations' losses equal the reference path's."""
+    import numpy as np
+
+    from dynaguide.config import get_preset
+    from dynaguide.refine import RefineStep
+
+    module = _load("refine_cpu")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(14, 17, 3), dtype=np.uint8)
+    guide = rng.integers(0, 5, size=(14, 17))
+    for preset in ("dynaguide", "dfc", "dynaguide-reference"):
+        cfg = get_preset(preset).replace(alignment="reference", silhouette="off")
+        authors = module.AuthorsLoop(image, guide, cfg, seed=3)
+        lib = RefineStep(
+            image, cfg, guide_labels=guide, seed=3, backend="torch", channels_last=False
+        )
+        for _ in range(3):
+            expected = float(lib.step()[0])
+            assert abs(authors.step() - expected) <= 1e-5 * abs(expected), preset
+
+
+@pytest.mark.skipif(not VAL.is_dir(), reason=f"BSDS500 val images not found at {VAL}")
+def test_refine_cpu_script_tiny(tmp_path, monkeypatch):
+    argv = [
+        "refine_cpu.py",
+        "--size",
+        "24x32",
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    _load("refine_cpu").main()
+    data = json.loads((tmp_path / "refine_cpu-cpu.json").read_text())
+    assert set(data["paths"]) == {"authors_loop", "authors_loop_heap_reuse", "reference", "default"}
+    assert data["speedup_default_vs_authors_loop"] > 0
+
+
+def test_gpu_check_tiny_dry_run(tmp_path):
+    """--tiny runs every section at tiny sizes (CUDA-only ones record that they were
+    skipped) and writes one JSON; without CUDA and without --tiny the script refuses."""
+    import torch
+
+    module = _load("gpu_check")
+    if not torch.cuda.is_available():
+        assert module.main(["--out", str(tmp_path)]) == 2
+    assert module.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-check-*.json")
+    data = json.loads(path.read_text())
+    assert set(data["sections"]) == set(module.SECTIONS)
+    assert data["environment"]["command"] and data["environment"]["commit"]
+    sec = data["sections"]
+    assert all("error" not in v for v in sec.values()), {k: v.get("error") for k, v in sec.items()}
+    cases = {k: v for k, v in sec["fp64"].items() if isinstance(v, dict)}
+    assert len(cases) == 2
+    for case in cases.values():
+        assert case["labels_equal"] and case["k_equal"]
+    f32 = next(v for k, v in cases.items() if k.startswith("float32"))
+    assert f32["loss_max_rel_err"] < 1e-5 and f32["grad_max_norm_rel_err"] < 1e-5
+    assert sec["refine"]["paths"]["eager_fused"]["n_iter"] == sec["refine"]["iterations"]
+    assert sec["tests"]["pytest -m gpu (tiny: one module)"]["returncode"] == 0

@@ -335,16 +335,62 @@ def test_native_module_checks_arrays():
         )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_cuda_matches_cpu(rng, connectivity):
+    """The CUDA kernels themselves (backend forced: a missing CUDA build fails, it does not
+    fall back), on label maps with long runs (path compression) and few labels (the
+    argmax count's shared-memory histogram)."""
     lab = rng.integers(0, 3, size=(2, 97, 129))
-    out = native.connected_components(torch.from_numpy(lab).cuda(), connectivity)
+    lab[0, :, 40:90] = 1  # wide uniform region: long union-find chains
+    out = native.connected_components(torch.from_numpy(lab).cuda(), connectivity, backend="native")
     assert out.is_cuda
-    np.testing.assert_array_equal(out.cpu().numpy(), native.connected_components(lab, connectivity))
+    want_cc = native.connected_components(lab, connectivity, backend="native")
+    np.testing.assert_array_equal(out.cpu().numpy(), want_cc)
+    uniform = np.zeros((1, 300, 700), np.int64)
+    got_u = native.connected_components(
+        torch.from_numpy(uniform).cuda(), connectivity, backend="native"
+    )
+    assert int(got_u.max()) == 0
     r = torch.from_numpy(rng.integers(0, 4, size=(2, 9, 33, 17)).astype(np.float32))
+    r[1, 2] += 10.0  # image 1: one label everywhere
     for x in (r, r.to(memory_format=torch.channels_last)):
-        got = native.argmax_relabel(x.cuda())
+        got = native.argmax_relabel(x.cuda(), backend="native")
         want = native.argmax_relabel(x, backend="torch")
         for a, b in zip(got, want, strict=True):
             assert a.is_cuda and torch.equal(a.cpu(), b)
+
+
+def _cuda_build():
+    mod = native.native_module()
+    return mod if mod is not None and mod.has_cuda() else None
+
+
+@pytest.mark.skipif(_cuda_build() is None, reason="extension built without CUDA")
+def test_cuda_scratch_size_is_the_aligned_histogram_and_map():
+    mod = _cuda_build()
+
+    def aligned(b):
+        return (b + 255) // 256 * 256
+
+    for n, c in ((1, 100), (3, 7), (70_000, 2)):
+        assert mod.argmax_relabel_cuda_scratch(n, c) == aligned(4 * n * c) + aligned(8 * n * c)
+
+
+@pytest.mark.gpu
+def test_cuda_scratch_comes_from_torch_and_is_checked():
+    mod = _cuda_build()
+    assert mod is not None, "the CUDA test subset needs the extension built with CUDA"
+    x = torch.randn(2, 5, 8, 9, device="cuda")
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    native.argmax_relabel(x, backend="native")
+    native.connected_components(x.argmax(1), 8, backend="native")
+    after = torch.cuda.memory_stats()["allocation.all.allocated"]
+    assert after - before >= 2 + 2  # outputs and one scratch buffer per call, all torch's
+    outs = [torch.empty((2, 8, 9), dtype=torch.int64, device="cuda") for _ in range(2)]
+    counts = torch.empty((2, 5), dtype=torch.int64, device="cuda")
+    k = torch.empty(2, dtype=torch.int64, device="cuda")
+    small = torch.empty(16, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="scratch has 16 bytes"):
+        mod.argmax_relabel_cuda(x, *outs, counts, k, small, stream)

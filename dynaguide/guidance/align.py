@@ -46,8 +46,14 @@ class GuideAligner:
         compact = torch.searchsorted(values, g.clamp_min(0))
         self.guide = torch.where(valid, compact, torch.full_like(compact, IGNORE_INDEX))
         self.n_guide = int(values.numel())
-        self._flat_valid = valid.flatten()
-        self._flat_guide = self.guide.flatten()[self._flat_valid]
+        flat_valid = valid.flatten()
+        # Positions of the guided pixels, once (a boolean mask would cost a nonzero per call),
+        # None when every pixel is guided.
+        self._valid_idx = None if bool(flat_valid.all()) else flat_valid.nonzero().flatten()
+        flat_guide = self.guide.flatten()
+        self._flat_guide = flat_guide if self._valid_idx is None else flat_guide[self._valid_idx]
+        # guide ids with the unguided pixels sent to an extra last slot of the mapping
+        self._guide_slot = torch.where(valid, self.guide, torch.full_like(self.guide, self.n_guide))
         self._live: torch.Tensor | None = None
         self._mapping: torch.Tensor | None = None
         self._target: torch.Tensor | None = None
@@ -65,14 +71,13 @@ class GuideAligner:
             return self._reference_target(labels)
         if self._target is not None and not refresh:
             return self._target
-        live = torch.zeros(self.n_channels, dtype=torch.bool, device=labels.device)
-        live[labels.flatten()] = True
+        live = torch.bincount(labels.flatten(), minlength=self.n_channels) > 0
         if self._target is not None and self._live is not None and torch.equal(live, self._live):
             return self._target
         self._live = live
         self._mapping = self._hungarian(labels)
-        mapped = self._mapping[self.guide.clamp_min(0)]
-        target = torch.where(self.guide >= 0, mapped, torch.full_like(mapped, IGNORE_INDEX))
+        slots = torch.cat([self._mapping, self._mapping.new_full((1,), IGNORE_INDEX)])
+        target = slots[self._guide_slot]
         if self._target is None:
             self._target = target
         else:  # in place: a captured CUDA graph keeps reading the same buffer
@@ -81,7 +86,9 @@ class GuideAligner:
 
     def _hungarian(self, labels: torch.Tensor) -> torch.Tensor:
         c = self.n_channels
-        flat = labels.flatten()[self._flat_valid]
+        flat = labels.flatten()
+        if self._valid_idx is not None:
+            flat = flat.index_select(0, self._valid_idx)
         counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
         overlap = counts.reshape(self.n_guide, c).cpu().numpy()
         rows, cols = linear_sum_assignment(overlap, maximize=True)

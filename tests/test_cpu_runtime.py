@@ -1,0 +1,48 @@
+"""Heap reuse during CPU refinement (dynaguide.cpu_runtime): reference counting and opt-out."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from dynaguide import cpu_runtime
+
+pytestmark = pytest.mark.skipif(cpu_runtime._glibc() is None, reason="needs glibc")
+
+
+def test_holders_are_counted_and_paused_blocks_restore(monkeypatch):
+    monkeypatch.delenv("DYNAGUIDE_CPU_HEAP_REUSE", raising=False)
+    assert not cpu_runtime.active()
+    a = cpu_runtime.HeapReuse()
+    with cpu_runtime.HeapReuse():
+        assert cpu_runtime.active()
+        with cpu_runtime.paused():
+            assert cpu_runtime.active()  # the holders stay; only glibc's settings are default
+    assert cpu_runtime.active()
+    a.close()
+    a.close()  # idempotent
+    assert not cpu_runtime.active()
+    with cpu_runtime.paused():  # nothing held: a no-op
+        assert not cpu_runtime.active()
+
+
+def test_opt_out_by_environment(monkeypatch):
+    monkeypatch.setenv("DYNAGUIDE_CPU_HEAP_REUSE", "0")
+    with cpu_runtime.HeapReuse():
+        assert not cpu_runtime.active()
+
+
+def test_refine_step_holds_reuse_while_alive(monkeypatch):
+    from dynaguide.config import get_preset
+    from dynaguide.refine import RefineStep
+
+    monkeypatch.delenv("DYNAGUIDE_CPU_HEAP_REUSE", raising=False)
+    img = np.random.default_rng(0).integers(0, 256, size=(8, 9, 3), dtype=np.uint8)
+    step = RefineStep(img, get_preset("dfc"), seed=0)
+    assert cpu_runtime.active()
+    step.step()
+    del step
+    gc.collect()
+    assert not cpu_runtime.active()
