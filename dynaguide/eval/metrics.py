@@ -76,6 +76,24 @@ def _compact(flat: np.ndarray) -> tuple[np.ndarray, int]:
     return inverse.reshape(-1).astype(np.int64), len(values)
 
 
+def _check_connectivity(connectivity: Any) -> None:
+    """4 or 8 as an int (a float or bool is refused even when no relabel is asked for)."""
+    if (
+        isinstance(connectivity, bool)
+        or connectivity not in (4, 8)
+        or not isinstance(connectivity, (int, np.integer))
+    ):
+        raise ValueError(f"connectivity must be the int 4 or 8, got {connectivity!r}")
+
+
+def _check_collection(values: Any, name: str) -> None:
+    """A list-like of per-image arrays: one bare array or a scalar is refused."""
+    if isinstance(values, (np.ndarray, str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{name} must be a list of per-image label maps, got {type(values).__name__}"
+        )
+
+
 def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map (pixel centres, like ``nearest-exact``).
 
@@ -89,6 +107,12 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ndarray (H2, W2), same dtype. Row ``i`` samples source row ``floor((i + 0.5) * H / H2)``.
     """
     labels = _as_label_map(labels, "labels")
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in shape)
+    ):
+        raise ValueError(f"shape must be a pair of ints (H, W), got {shape!r}")
     h2, w2 = (int(s) for s in shape)
     if h2 <= 0 or w2 <= 0:
         raise ValueError(f"shape must be positive, got {shape!r}")
@@ -394,8 +418,8 @@ def bsds_scores(
     >>> s["All"], s["counts"]["All"]
     (1.0, 2)
     """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    _check_connectivity(connectivity)
+    _check_collection(predictions, "predictions")
     totals = {m: [0.0, 0] for m in BSDS_MODES}
     n_images = 0
     try:
@@ -608,6 +632,10 @@ def hungarian_match(confusion: Any) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(confusion)
     if c.ndim != 2 or c.size == 0:
         raise ValueError(f"confusion must be a non-empty 2-D matrix, got shape {c.shape}")
+    if c.dtype.kind not in "biuf":
+        raise TypeError(f"confusion must hold real counts, got dtype {c.dtype}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("confusion holds NaN or infinite counts")
     rows, cols = linear_sum_assignment(c, maximize=True)
     return rows, cols
 
@@ -679,6 +707,8 @@ def coco_scores(
         ``fn``, ``n_pixels``, ``assignment`` (class -> cluster pairs), ``confusion``,
         ``n_images``.
     """
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
     conf = np.zeros((n_classes, n_clusters or 1), np.int64)
     n_images = 0
     try:
