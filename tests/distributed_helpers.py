@@ -48,7 +48,9 @@ def write_folder(folder: Path, n: int, *, corrupt: str | None = None) -> list[Pa
 
 
 def json_without_timing(path: Path) -> dict[str, Any]:
-    """A result JSON minus the fields that differ between two runs (wall time)."""
+    """A result JSON minus the fields that differ between two runs (wall time) and the
+    CLI's own resume bookkeeping (``run``: settings fingerprint and file digests)."""
     data = json.loads(path.read_text())
     data.pop("seconds")
+    data.pop("run", None)
     return data

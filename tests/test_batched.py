@@ -298,7 +298,9 @@ def test_batched_annealing_and_time_budget_match_solo():
     for img, guide, res in zip(imgs, guides, batched, strict=True):
         solo = refine(img, cfg, guide_labels=guide, seed=2)
         assert torch.equal(solo.labels, res.labels)
-        np.testing.assert_allclose(solo.loss_history, res.loss_history, rtol=1e-5, atol=1e-6)
+        # the solo CPU path sums the objective in the native one-buffer kernel, the batched one
+        # in the three separate losses: the same loss up to float32 summation order
+        np.testing.assert_allclose(solo.loss_history, res.loss_history, rtol=1e-4, atol=1e-6)
     slow = cfg.replace(max_iter=100_000, time_budget=0.2, guidance_anneal=0)
     for res in refine_batch(imgs, slow, batch_size=2):
         assert res.stop_reason.startswith("time budget") and res.n_iter < 100_000
