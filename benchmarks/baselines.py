@@ -203,6 +203,20 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n(published: {PUBLISHED['source']})"
 
 
+def _commit() -> str:
+    """Commit of the repository this script lives in (``-dirty`` with local changes)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _versions() -> dict[str, str]:
     import scipy
     import skimage
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--knobs", action="append", default=[], help="METHOD=V1,V2 (override)")
     args = ap.parse_args(argv)
-    from dynaguide.benchmarking import environment, git_commit
+    from dynaguide.benchmarking import environment
     from dynaguide.eval import BSDS500Dataset
     from dynaguide.io import save_json
 
@@ -265,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     metric_seconds = np.concatenate([img["metric_seconds"] for img in images])
     results: dict[str, Any] = {
         "command": " ".join(["baselines.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": git_commit(),
+        "commit": _commit(),
         "versions": _versions(),
         "environment": environment(__import__("torch").device("cpu")),
         "data": str(args.data),
