@@ -138,9 +138,13 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         print(f"{key:<8}" + "".join(f"{_fmt(s[m]):>9}" for m in modes) + f"   {counts}")
     standard = {k: s["standard"] for k, s in scores.items() if "standard" in s}
     if standard:
-        cols = [("Covering", "covering"), ("PRI", "pri"), ("VoI", "voi")]
+        cols = [("Covering", "covering"), ("PRI", "pri"), ("VoI", "voi"), ("VoI bits", "voi_bits")]
         cols += [("P", "precision"), ("R", "recall"), ("F", "f")]
-        print(f"{'standard':<8}" + "".join(f"{c:>9}" for c, _ in cols) + "   (BSDS500 benchmark)")
+        print(
+            f"{'standard':<8}"
+            + "".join(f"{c:>9}" for c, _ in cols)
+            + "   (BSDS500 benchmark; VoI in nats)"
+        )
         for key, s in standard.items():
             print(f"{key:<8}" + "".join(f"{_fmt(s[m]):>9}" for _, m in cols))
     print(

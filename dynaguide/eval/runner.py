@@ -56,10 +56,12 @@ _STANDARD_DOC = (
     "every annotator: Segmentation Covering of the annotations by the prediction (pooled: "
     "sum of |R| max IoU over all annotators' regions / (annotators x pixels), summed over "
     "images); Probabilistic Rand Index (mean over annotators of the Rand index over "
-    "n(n-1)/2 pixel pairs; dataset: mean over images); Variation of Information in nats "
-    "(mean over annotators, then over images; lower is better); boundary precision / "
-    "recall / F (seg2bmap boundary pixels matched one-to-one within 0.0075 x the image "
-    "diagonal by a maximum bipartite matching; recall pools matched GT pixels over "
+    "n(n-1)/2 pixel pairs; dataset: mean over images); Variation of Information, 'voi' in "
+    "nats and 'voi_bits' in bits (the benchmark's code uses log2, so published VoI values "
+    "are bits; mean over annotators, then over images; lower is better); boundary "
+    "precision / recall / F (seg2bmap boundary pixels, the prediction's thinned, matched "
+    "one-to-one within 0.0075 x the image diagonal by a maximum bipartite matching; "
+    "recall pools matched GT pixels over "
     "annotators, a predicted pixel is correct if matched for any annotator; dataset: "
     "pooled counts). One fixed output per image, so ODS = OIS"
 )
@@ -549,7 +551,8 @@ def _run_one(
             title += f"  cc {scores[f'cc{connectivity}'][key]:.3f}"
         if metric == "bsds":
             title += "".join(
-                f"\n{k}: Cov {st['covering']:.3f}  PRI {st['pri']:.3f}  VoI {st['voi']:.2f}  "
+                f"\n{k}: Cov {st['covering']:.3f}  PRI {st['pri']:.3f}  "
+                f"VoI {st['voi']:.2f} nats  "
                 f"F {st['f']:.3f}"
                 for k, st in ((k, v["standard"]) for k, v in scores.items())
             )
