@@ -277,6 +277,7 @@ def _dataset(records: list[dict]) -> dict[str, Any]:
         "covering": std["covering"],
         "pri": std["pri"],
         "voi": std["voi"],
+        "voi_bits": std["voi"] / math.log(2),
         "f": std["f"],
         "sbiou_all": sb["All"],
         "sbiou_fine": sb["Fine"],
@@ -357,11 +358,11 @@ def score(args: argparse.Namespace) -> int:
         if base not in table:
             raise SystemExit(f"baseline {base!r} is not among the scored runs")
         comparisons[base] = {k: paired(table[k], table[base]) for k in table if k != base}
-    print(f"{'run':44s} {'Cov':>6s} {'PRI':>6s} {'VoI':>6s} {'F':>6s} {'All':>6s} {'Fine':>6s} "
+    print(f"{'run':44s} {'Cov':>6s} {'PRI':>6s} {'VoIbit':>6s} {'F':>6s} {'All':>6s} {'Fine':>6s} "
           f"{'Coarse':>6s} {'segs':>6s} {'s/img':>6s}")  # fmt: skip
     for key, r in sorted(rows.items(), key=lambda kv: -kv[1]["covering"]):
         print(
-            f"{key:44s} {r['covering']:6.3f} {r['pri']:6.3f} {r['voi']:6.3f} {r['f']:6.3f} "
+            f"{key:44s} {r['covering']:6.3f} {r['pri']:6.3f} {r['voi_bits']:6.3f} {r['f']:6.3f} "
             f"{r['sbiou_all']:6.3f} {r['sbiou_fine']:6.3f} {r['sbiou_coarse']:6.3f} "
             f"{r['segments']:6.1f} {r['seconds']:6.2f}"
         )

@@ -106,3 +106,33 @@ def test_gpu_check_tiny_dry_run(tmp_path):
     assert f32["loss_max_rel_err"] < 1e-5 and f32["grad_max_norm_rel_err"] < 1e-5
     assert sec["refine"]["paths"]["eager_fused"]["n_iter"] == sec["refine"]["iterations"]
     assert sec["tests"]["pytest -m gpu (tiny: one module)"]["returncode"] == 0
+
+
+@pytest.mark.skipif(not VAL.is_dir(), reason=f"BSDS500 val images not found at {VAL}")
+def test_baselines_script_tiny(tmp_path):
+    out = tmp_path / "baselines.json"
+    argv = ["--data", str(VAL.parent), "--limit", "2", "--out", str(out)]
+    argv += [
+        "--methods",
+        "felzenszwalb,kmeans",
+        "--knobs",
+        "felzenszwalb=300",
+        "--knobs",
+        "kmeans=4",
+    ]
+    assert _load("baselines").main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["n_images"] == 2 and set(data["methods"]) == {"felzenszwalb", "kmeans"}
+    assert data["command"].startswith("baselines.py") and data["commit"]
+    for method in data["methods"].values():
+        for variant in ("raw", "cc8"):
+            r = method[variant]
+            assert r["n_images"] == 2 and len(r["by_knob"]) == 1
+            for metric in ("covering", "pri", "voi", "f"):  # one knob value: ODS = OIS
+                assert r["ods"][metric]["value"] == pytest.approx(r["ois"][metric]["value"])
+            assert 0 < r["ods"]["covering"]["value"] <= 1
+            assert 0 < r["segment_best_iou_at_ods"]["covering"]["All"] <= 1
+    human = data["human_leave_one_out"]
+    assert human["covering"] > data["single_segment"]["covering"]
+    assert "published" in data["published"]["source"]
+    assert data["timing"]["standard_image_scores_seconds"]["n_calls"] == 2 * 2 * 2

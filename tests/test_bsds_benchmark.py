@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from skimage.metrics import variation_of_information as skimage_voi
 
 from dynaguide.eval import bsds_benchmark as bb
-from dynaguide.eval.boundary_matching import match_within, prf
+from dynaguide.eval.boundary_matching import match_within, prediction_boundary, prf
 from dynaguide.eval.bsds_benchmark import (
     boundary_map,
     boundary_precision_recall,
@@ -96,8 +96,12 @@ def test_voi_matches_skimage(seed):
     pred = _blocky(rng, shape, 7, 9)
     gts = [_blocky(rng, shape, 5, 6) + 1 for _ in range(4)]
     # scikit-image returns the two conditional entropies in bits; the benchmark uses nats
-    expected = np.mean([sum(skimage_voi(g, pred)) * math.log(2) for g in gts])
+    bits = np.mean([sum(skimage_voi(g, pred)) for g in gts])
+    expected = bits * math.log(2)
     assert variation_of_information(pred, gts) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert variation_of_information(pred, gts, unit="bits") == pytest.approx(bits, rel=1e-10)
+    s = standard_image_scores(pred, gts)
+    assert s["voi"] == pytest.approx(expected) and s["voi_bits"] == pytest.approx(bits)
 
 
 def test_sparse_contingency_path_matches_reference():
@@ -149,11 +153,25 @@ def test_boundary_shift_by_one_pixel_matches_far_shift_does_not():
 def test_boundary_matching_is_one_to_one():
     gt = _split((100, 100), 50)
     double = _split((100, 100), 50, 51)  # boundary columns 49 and 50, both within 1 px
-    s = boundary_precision_recall(double, [gt])
+    s = boundary_precision_recall(double, [gt], thin=False)
     assert s["boundary_pred"] == 200
     assert s["boundary_matched_pred"] == 100
     assert s["precision"] == 0.5 and s["recall"] == 1.0
     assert s["f"] == pytest.approx(2 * 0.5 / 1.5)
+    # thinning (the benchmark's default) turns the 2-pixel band into one line
+    thinned = boundary_precision_recall(double, [gt])
+    assert 98 <= thinned["boundary_pred"] <= 100 and thinned["precision"] == 1.0
+    assert thinned["recall"] == thinned["boundary_pred"] / 100
+
+
+def test_thinning_keeps_a_subset_of_one_pixel_lines():
+    i, j = np.mgrid[:30, :40]
+    labels = (i + j // 2 > 20).astype(int) + 2 * (j > 25)  # slanted edges and a junction
+    raw, thin = boundary_map(labels), prediction_boundary(labels)
+    assert thin.sum() < raw.sum() and not (thin & ~raw).any()
+    # straight one-pixel lines are kept as they are
+    np.testing.assert_array_equal(prediction_boundary(HALVES), boundary_map(HALVES))
+    assert not prediction_boundary(np.zeros((4, 4), int)).any()
 
 
 def test_precision_counts_a_match_for_any_annotator_recall_pools():
@@ -186,12 +204,17 @@ def test_flow_matching_has_maximum_cardinality(seed):
 # ---------------------------------------------------------------- per image records
 def test_identity_prediction_is_perfect():
     gt = _blocky(np.random.default_rng(3), (48, 64), 6, 5) + 1
-    s = standard_image_scores(gt.copy(), [gt])
+    s = standard_image_scores(gt.copy(), [gt], thin=False)
     assert s["covering"] == pytest.approx(1.0)
     assert s["pri"] == pytest.approx(1.0)
-    assert s["voi"] == pytest.approx(0.0, abs=1e-12)
+    assert s["voi"] == pytest.approx(0.0, abs=1e-12) and s["voi_bits"] == s["voi"]
     assert (s["precision"], s["recall"], s["f"]) == (1.0, 1.0, 1.0)
     json.dumps(s)  # JSON-able
+    # with the benchmark's thinning, junction pixels leave the prediction: recall < 1
+    t = standard_image_scores(gt.copy(), [gt])
+    assert t["precision"] == 1.0 and 0.9 < t["recall"] < 1.0
+    assert t["sums"]["boundary_pred"] < t["sums"]["boundary_gt"]
+    assert t["covering"] == s["covering"] and t["voi"] == s["voi"]
 
 
 def test_single_segment_prediction_known_values():
@@ -235,6 +258,7 @@ def test_standard_scores_pooling_arithmetic():
     s = standard_scores(recs)
     assert s["covering"] == pytest.approx(120 / 200)  # not the mean of 0.3 and 0.9 weights
     assert s["pri"] == pytest.approx(0.7) and s["voi"] == pytest.approx(1.5)
+    assert s["voi_bits"] == pytest.approx(1.5 / math.log(2))
     assert s["precision"] == pytest.approx(50 / 100) and s["recall"] == pytest.approx(40 / 100)
     assert s["f"] == pytest.approx(2 * 0.5 * 0.4 / 0.9)
     assert s["n_images"] == 2
@@ -261,6 +285,8 @@ def test_ods_differs_from_ois_on_two_knobs():
     assert ois["pri"]["value"] == pytest.approx(0.8)
     assert ods["voi"]["knob"] == "b" and ods["voi"]["value"] == pytest.approx(1.75)
     assert ois["voi"]["value"] == pytest.approx(1.25)
+    assert ods["voi"]["bits"] == pytest.approx(1.75 / math.log(2))
+    assert ois["voi"]["bits"] == pytest.approx(1.25 / math.log(2))
     assert ods["f"]["knob"] == "b" and ods["f"]["value"] == pytest.approx(0.65)
     assert ois["f"]["value"] == pytest.approx(0.85)
     assert ois["f"]["precision"] == pytest.approx(17 / 20)
@@ -283,6 +309,8 @@ def test_bad_inputs_raise_naming_the_input():
         probabilistic_rand_index(HALVES, [HALVES, HALVES.astype(float)])
     with pytest.raises(ValueError, match=r"annotations of prediction\[1\] has shape"):
         boundary_precision_recall(HALVES, [HALVES, np.zeros((2, 2), int)])
+    with pytest.raises(ValueError, match="unit must be"):
+        variation_of_information(HALVES, [HALVES], unit="bans")
     with pytest.raises(ValueError, match="max_dist"):
         boundary_precision_recall(HALVES, [HALVES], max_dist=-1.0)
     with pytest.raises(ValueError, match="not a record"):

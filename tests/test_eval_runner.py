@@ -17,8 +17,9 @@ from PIL import Image
 
 import dynaguide
 from dynaguide.config import DEFAULT_PRESET
-from dynaguide.eval import BSDS500Dataset, evaluate, load_cached
+from dynaguide.eval import BSDS500Dataset, evaluate, load_cached, summarize
 from dynaguide.eval.cli import register
+from dynaguide.eval.plots import comparison_grid
 
 H, W = 12, 16
 BSDS_VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "val"
@@ -31,6 +32,20 @@ A1 = A0 + 2 * (np.arange(H)[:, None] >= H // 2)
 # one predicted half: IoU = (1/4) / (1/2) = 1/2. Per image: All = (1 + 1 + 4 * 1/2) / 6
 # = 2/3, Fine = a1 = 1/2, Coarse = a0 = 1. CC changes nothing (the halves are connected).
 EXPECTED = {"All": 2 / 3, "Fine": 0.5, "Coarse": 1.0, "Mean": (2 / 3 + 0.5 + 1.0) / 3}
+# Standard benchmark of the same prediction (N = 192 pixels, 18336 pairs):
+# Covering: a0 covered exactly (192), each 48-pixel quadrant of a1 by IoU 1/2 (96) -> 288 / 384.
+# Rand vs a1: agree = 18336 + 2 * 4512 - 4512 - 9120 = 13728 of 18336; vs a0: 1.
+# VoI vs a1 = H(a1 | pred) = ln 2, vs a0 0. Boundaries: the prediction's 12 pixels of column
+# 7 coincide with a0's 12 and with 12 of a1's 27 (column 7 + row 5); the tolerance
+# 0.0075 x 20 = 0.15 px allows only exact matches: P = 1, R = 24 / 39.
+EXPECTED_STANDARD = {
+    "covering": 288 / 384,
+    "pri": (1 + 13728 / 18336) / 2,
+    "voi": np.log(2) / 2,
+    "precision": 1.0,
+    "recall": 24 / 39,
+    "f": 2 * (24 / 39) / (1 + 24 / 39),
+}
 
 
 def _dataset(root: Path, ids=("a", "b", "c"), corrupt=("b",)) -> Path:
@@ -91,11 +106,20 @@ def test_evaluate_plumbing_cache_resume_and_failures(tmp_path):
         for mode, value in EXPECTED.items():
             assert s[mode] == pytest.approx(value, abs=1e-12), (key, mode)
         assert s["counts"] == {"All": 12, "Fine": 8, "Coarse": 4}
+        for name, value in EXPECTED_STANDARD.items():
+            assert s["standard"][name] == pytest.approx(value, abs=1e-12), (key, name)
+        assert s["standard"]["n_images"] == 2
+        for rec in report["images"]:
+            per_image = rec["scores"][key]["standard"]
+            assert per_image["covering"] == pytest.approx(EXPECTED_STANDARD["covering"])
+            assert per_image["n_annotators"] == 2
+            assert per_image["sums"]["boundary_gt"] == 39
     p = report["protocol"]
     assert p["preset"] == DEFAULT_PRESET and p["max_iter"] == 4 and p["effective_max_iter"] == 4
     assert p["scale"] == 0.5 and p["seed"] == 3 and p["n_images"] == 3
     assert p["stopping_rule"]["max_iter"] == 4 and "git_commit" in p["code_version"]
     assert set(p["scores"]) == {"raw", "cc8"}
+    assert "Covering" in p["standard_metrics"] and "nats" in p["standard_metrics"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["scores"]["raw"]["All"] == pytest.approx(2 / 3)
     assert sorted(f.name for f in (out / "predictions").iterdir()) == ["a.npz", "c.npz"]
@@ -115,6 +139,8 @@ def test_evaluate_plumbing_cache_resume_and_failures(tmp_path):
     again = _run(root, out, fake2, resume=True, scale=0.5, seed=3)
     assert [Path(c[0]).stem for c in fake2.calls] == ["b"]
     assert again["n_cached"] == 2 and again["scores"]["raw"]["All"] == pytest.approx(2 / 3)
+    # the standard scores are recomputed from the cached predictions
+    assert again["scores"]["cc8"]["standard"]["f"] == pytest.approx(EXPECTED_STANDARD["f"])
 
     # a corrupt cache entry is recomputed with a warning
     (out / "predictions" / "c.npz").write_bytes(b"garbage")
@@ -164,6 +190,8 @@ def test_cli_plumbing(tmp_path, monkeypatch, capsys):
     rc = _cli(["bsds500", str(ok), "--max-iter", "4", "--out", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0 and "raw" in text and "cc8" in text and "3/3 images scored" in text
+    assert "Covering" in text and "VoI" in text
+    assert f"{EXPECTED_STANDARD['covering']:.4f}" in text and f"{np.log(2) / 2:.4f}" in text
     assert json.loads((out / "report.json").read_text())["n_scored"] == 3
     # resuming needs --resume; with it nothing is recomputed
     assert _cli(["bsds500", str(ok), "--max-iter", "4", "--out", str(out), "--no-progress"]) == 2
@@ -200,6 +228,9 @@ def test_end_to_end_real_segment(tmp_path, capsys):
     raw, cc = report["scores"]["raw"], report["scores"]["cc8"]
     assert 0 < raw["All"] <= 1 and 0 < cc["All"] <= 1
     assert raw["counts"] == cc["counts"] and raw["counts"]["All"] > 0
+    for s in (raw["standard"], cc["standard"]):
+        assert 0 < s["covering"] <= 1 and 0 < s["pri"] <= 1 and s["voi"] >= 0
+        assert 0 <= s["f"] <= 1 and s["n_images"] == 1
     assert report["protocol"]["guidance"] == "default"
     assert (out / "plots" / "history.png").is_file()
 
@@ -220,3 +251,23 @@ def test_evaluate_folder_dataset_voc_protocol(tmp_path):
         assert report["scores"][key]["mIoU"] == pytest.approx(25 / 44, abs=1e-12)
         assert report["scores"][key]["counts"] == {"mIoU": 2}
     assert report["protocol"]["dataset"]["kind"] == "folder"
+
+
+def test_summarize_standard_scores_only_when_every_record_has_them(tmp_path):
+    root = _dataset(tmp_path / "val", corrupt=())
+    report = evaluate(root, segment_fn=FakeSegment(), progress=False)
+    images = report["images"]
+    assert summarize(images, "bsds", "raw")["standard"]["covering"] == pytest.approx(0.75)
+    # records of an older report (segment-best-IoU only) keep summarising as before
+    old = [{**r, "scores": {"raw": {k: v for k, v in r["scores"]["raw"].items() if k != "standard"}}}
+           for r in images]  # fmt: skip
+    s = summarize(old, "bsds", "raw")
+    assert "standard" not in s and s["All"] == pytest.approx(2 / 3)
+
+
+def test_comparison_grid_multiline_titles_are_taller(tmp_path):
+    row = {"image": np.zeros((H, W, 3), np.uint8), "annotation": A0, "guide": None, "result": A0}
+    one = comparison_grid([{**row, "title": "a"}], tmp_path / "one.png")
+    three = comparison_grid([{**row, "title": "a\nraw: Cov 0.5\ncc8: Cov 0.6"}], tmp_path / "3.png")
+    with Image.open(one) as a, Image.open(three) as b:
+        assert b.size[1] == a.size[1] + 36 and a.size[0] == b.size[0]

@@ -1,7 +1,10 @@
 """Boundary pixels and their one-to-one matching, as in the BSDS500 boundary benchmark
 (Martin, Fowlkes, Malik, TPAMI 2004; Arbeláez et al., TPAMI 2011).
 
-Boundary pixels follow the benchmark's ``seg2bmap``. Predicted and ground-truth boundary
+Boundary pixels follow the benchmark's ``seg2bmap``; the predicted map is then thinned to
+one-pixel lines (``bwmorph(bmap, 'thin', inf)`` in the benchmark,
+:func:`skimage.morphology.thin` here) while the annotations' maps are used as they are,
+as in the benchmark's ``evaluation_bdry_image``. Predicted and ground-truth boundary
 pixels closer than a tolerance (0.0075 x the image diagonal in the benchmark) are
 matched one-to-one by a maximum-cardinality bipartite matching of the close pairs
 (found with :class:`scipy.spatial.cKDTree`), solved as a unit-capacity maximum flow with
@@ -20,7 +23,14 @@ from scipy.spatial import cKDTree
 
 from dynaguide.eval.metrics import _as_label_map
 
-__all__ = ["boundary_counts", "boundary_map", "match_within", "matching_radius", "prf"]
+__all__ = [
+    "boundary_counts",
+    "boundary_map",
+    "match_within",
+    "matching_radius",
+    "prediction_boundary",
+    "prf",
+]
 
 
 def boundary_map(labels: Any) -> np.ndarray:
@@ -44,6 +54,28 @@ def boundary_map(labels: Any) -> np.ndarray:
     b[:, :-1] |= a[:, :-1] != a[:, 1:]
     b[:-1, :] |= a[:-1, :] != a[1:, :]
     b[:-1, :-1] |= a[:-1, :-1] != a[1:, 1:]
+    return b
+
+
+def prediction_boundary(labels: Any, *, thin: bool = True) -> np.ndarray:
+    """Boundary pixels of a predicted label map: :func:`boundary_map`, then thinned.
+
+    Parameters
+    ----------
+    labels : ndarray (H, W) of int
+    thin : bool
+        Thin the map to one-pixel 8-connected lines (:func:`skimage.morphology.thin`, the
+        benchmark's ``bwmorph(..., 'thin', inf)``); False keeps the raw ``seg2bmap`` map.
+
+    Returns
+    -------
+    ndarray (H, W) of bool
+    """
+    b = boundary_map(labels)
+    if thin and b.any():
+        from skimage.morphology import thin as _thin
+
+        b = _thin(b)
     return b
 
 

@@ -13,12 +13,15 @@ Probabilistic Rand Index (PRI)
     which S and G agree about "same segment" / "different segment"); dataset: mean over
     images.
 Variation of Information (VoI)
-    The mean over annotators of ``H(S) + H(G) - 2 I(S, G)`` in nats (Meila 2005);
-    dataset: mean over images. Lower is better.
+    The mean over annotators of ``H(S) + H(G) - 2 I(S, G)`` (Meila 2005); dataset: mean
+    over images. Lower is better. ``voi`` is in nats, ``voi_bits`` in bits: the
+    benchmark's code (``match_segmentations2.m``) uses ``log2``, so the published VoI
+    values (e.g. human 1.17, gPb-owt-ucm 1.69) compare with ``voi_bits``.
 Boundary precision / recall / F
     Boundary pixels as in the benchmark's ``seg2bmap``: a pixel is a boundary pixel when
     its label differs from its right, lower or lower-right neighbour (the last row only
-    looks right, the last column only down). Predicted boundary pixels are matched
+    looks right, the last column only down); the predicted map is thinned to one-pixel
+    lines as the benchmark does. Predicted boundary pixels are matched
     one-to-one to each annotator's boundary pixels within ``0.0075 x`` the image
     diagonal: a maximum-cardinality bipartite matching on the pairs closer than that,
     solved as a unit-capacity maximum flow with scipy's Dinic algorithm. Recall pools
@@ -42,7 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from dynaguide.eval.boundary_matching import boundary_counts, boundary_map, matching_radius, prf
+from dynaguide.eval.boundary_matching import (
+    boundary_counts,
+    boundary_map,
+    matching_radius,
+    prediction_boundary,
+    prf,
+)
 from dynaguide.eval.metrics import (
     _DENSE_TABLE_FACTOR,
     _as_label_map,
@@ -66,6 +75,8 @@ __all__ = [
 
 #: Matching tolerance of the boundary benchmark, as a fraction of the image diagonal.
 BOUNDARY_MAX_DIST = 0.0075
+#: nats -> bits.
+_BITS = 1.0 / np.log(2.0)
 #: The dataset-level measures and whether larger is better.
 STANDARD_METRICS = {"covering": True, "pri": True, "voi": False, "f": True}
 
@@ -81,19 +92,15 @@ def _inputs(prediction: Any, annotations: Any, name: str) -> tuple[np.ndarray, l
 
 
 class _Prediction:
-    """Compact ids, region areas and (lazily) the boundary points of one prediction."""
+    """Compact ids and region count of one prediction; its boundary points on demand."""
 
     def __init__(self, pred: np.ndarray) -> None:
         self.shape = pred.shape
         self.ids, self.n = _compact(pred.reshape(-1))
-        self._labels = pred
-        self._points: np.ndarray | None = None
+        self.labels = pred
 
-    @property
-    def points(self) -> np.ndarray:
-        if self._points is None:
-            self._points = np.argwhere(boundary_map(self._labels))
-        return self._points
+    def points(self, thin: bool) -> np.ndarray:
+        return np.argwhere(prediction_boundary(self.labels, thin=thin))
 
 
 def _contingency(
@@ -183,26 +190,33 @@ def probabilistic_rand_index(
 
 
 def variation_of_information(
-    prediction: Any, annotations: Any, *, name: str = "prediction"
+    prediction: Any, annotations: Any, *, unit: str = "nats", name: str = "prediction"
 ) -> float:
-    """Variation of Information ``H(S) + H(G) - 2 I(S, G)`` in nats, mean over annotators.
+    """Variation of Information ``H(S) + H(G) - 2 I(S, G)``, mean over annotators.
 
     Parameters
     ----------
     prediction : ndarray (H, W) of int
     annotations : ndarray (H, W) or sequence of them
+    unit : {"nats", "bits"}
+        Natural or base-2 logarithm (the benchmark's code and its published values use
+        bits).
     name : str
         Name of the prediction in error messages.
 
     Returns
     -------
     float >= 0
-        For one annotation, ``ln 2`` times the sum of the two conditional entropies
+        In bits, for one annotation, the sum of the two conditional entropies returned
+        by :func:`skimage.metrics.variation_of_information`; in nats ``ln 2`` times the sum of the two conditional entropies
         returned by :func:`skimage.metrics.variation_of_information` (which are in bits).
     """
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unit must be 'nats' or 'bits', got {unit!r}")
     pred, maps = _inputs(prediction, annotations, name)
     p = _Prediction(pred)
-    return float(np.mean([_region_scores(p, gt)[2] for gt in maps]))
+    voi = float(np.mean([_region_scores(p, gt)[2] for gt in maps]))
+    return voi * _BITS if unit == "bits" else voi
 
 
 def boundary_precision_recall(
@@ -210,6 +224,7 @@ def boundary_precision_recall(
     annotations: Any,
     *,
     max_dist: float = BOUNDARY_MAX_DIST,
+    thin: bool = True,
     name: str = "prediction",
 ) -> dict[str, float]:
     """Boundary precision, recall and F of the prediction against every annotator.
@@ -220,6 +235,8 @@ def boundary_precision_recall(
     annotations : ndarray (H, W) or sequence of them
     max_dist : float
         Matching tolerance as a fraction of the image diagonal (benchmark: 0.0075).
+    thin : bool
+        Thin the predicted boundary map to one-pixel lines first (the benchmark does).
     name : str
         Name of the prediction in error messages.
 
@@ -232,7 +249,7 @@ def boundary_precision_recall(
         ``boundary_gt`` (GT boundary pixels summed over annotators).
     """
     pred, maps = _inputs(prediction, annotations, name)
-    counts = _boundary_counts(_Prediction(pred), maps, max_dist)
+    counts = _boundary_counts(_Prediction(pred), maps, max_dist, thin)
     out: dict[str, Any] = prf(counts)
     out.update(counts)
     return out
@@ -247,6 +264,7 @@ def standard_image_scores(
     connected_components: bool = False,
     connectivity: int = 8,
     max_dist: float = BOUNDARY_MAX_DIST,
+    thin: bool = True,
 ) -> dict[str, Any]:
     """All standard BSDS500 measures of one image, with the sums needed for pooling.
 
@@ -262,11 +280,14 @@ def standard_image_scores(
     connectivity : {4, 8}
     max_dist : float
         Boundary matching tolerance as a fraction of the image diagonal.
+    thin : bool
+        Thin the predicted boundary map to one-pixel lines first (the benchmark does).
 
     Returns
     -------
     dict (JSON-able)
-        ``covering``, ``pri``, ``voi``, ``precision``, ``recall``, ``f`` of this image,
+        ``covering``, ``pri``, ``voi`` (nats), ``voi_bits``, ``precision``, ``recall``,
+        ``f`` of this image,
         ``n_annotators``, ``n_pred_segments`` and ``sums``: ``covering_num``,
         ``covering_den`` and the four boundary counts (see
         :func:`boundary_precision_recall`). Pool a list of them with
@@ -281,19 +302,23 @@ def standard_image_scores(
         "covering_num": float(region[:, 0].sum()),
         "covering_den": float(len(maps) * pred.size),
     }
-    sums.update(_boundary_counts(p, maps, max_dist))
+    sums.update(_boundary_counts(p, maps, max_dist, thin))
     out: dict[str, Any] = {
         "covering": sums["covering_num"] / sums["covering_den"],
         "pri": float(region[:, 1].mean()),
         "voi": float(region[:, 2].mean()),
     }
+    out["voi_bits"] = out["voi"] * _BITS
     out.update(prf(sums))
     out.update({"n_annotators": len(maps), "n_pred_segments": int(p.n), "sums": sums})
     return out
 
 
-def _boundary_counts(pred: _Prediction, maps: list[np.ndarray], max_dist: float) -> dict[str, int]:
-    return boundary_counts(pred.points, maps, matching_radius(pred.shape, max_dist))
+def _boundary_counts(
+    pred: _Prediction, maps: list[np.ndarray], max_dist: float, thin: bool
+) -> dict[str, int]:
+    radius = matching_radius(pred.shape, max_dist)
+    return boundary_counts(pred.points(thin), maps, radius)
 
 
 _SUM_KEYS = (
@@ -333,8 +358,8 @@ def standard_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``covering``, ``pri``, ``voi``, ``precision``, ``recall``, ``f``, ``n_images`` and
-        the pooled ``sums``. With no record every score is NaN.
+        ``covering``, ``pri``, ``voi`` (nats), ``voi_bits``, ``precision``, ``recall``,
+        ``f``, ``n_images`` and the pooled ``sums``. With no record every score is NaN.
     """
     records = _check_records(records, "records")
     totals = {k: float(sum(r["sums"][k] for r in records)) for k in _SUM_KEYS}
@@ -344,6 +369,7 @@ def standard_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "pri": float(np.mean([r["pri"] for r in records])) if records else nan,
         "voi": float(np.mean([r["voi"] for r in records])) if records else nan,
     }
+    out["voi_bits"] = out["voi"] * _BITS
     out.update(prf(totals) if records else dict.fromkeys(("precision", "recall", "f"), nan))
     out["n_images"] = len(records)
     out["sums"] = totals
@@ -378,8 +404,9 @@ def ods_ois(records_by_knob: Mapping[Any, Sequence[Mapping[str, Any]]]) -> dict[
     -------
     dict
         ``ods``: per measure ``{"value", "knob"}`` (for ``f`` also ``precision`` and
-        ``recall`` at that knob); ``ois``: per measure ``{"value"}`` and the chosen
-        ``knobs`` per image (for ``f`` also the pooled ``precision`` / ``recall``);
+        ``recall`` at that knob, for ``voi`` also ``bits``); ``ois``: per measure
+        ``{"value"}`` and the chosen ``knobs`` per image (for ``f`` also the pooled
+        ``precision`` / ``recall``, for ``voi`` also ``bits``);
         ``by_knob``: the dataset scores of every knob value; ``n_images``.
     """
     if not isinstance(records_by_knob, Mapping) or not records_by_knob:
@@ -409,6 +436,9 @@ def ods_ois(records_by_knob: Mapping[Any, Sequence[Mapping[str, Any]]]) -> dict[
         choice = np.argmax(sign * per_image, axis=0)
         pooled = standard_scores([lists[c][i] for i, c in enumerate(choice)])
         ois[metric] = {"value": pooled[metric], "knobs": [knobs[c] for c in choice]}
+        if metric == "voi":
+            ods[metric]["bits"] = ods[metric]["value"] * _BITS
+            ois[metric]["bits"] = ois[metric]["value"] * _BITS
         if metric == "f":
             for key in ("precision", "recall"):
                 ods[metric][key] = by_knob[best][key]

@@ -138,6 +138,17 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     for key, s in scores.items():
         counts = "/".join(str(s["counts"][m]) for m in s["counts"])
         print(f"{key:<8}" + "".join(f"{_fmt(s[m]):>9}" for m in modes) + f"   {counts}")
+    standard = {k: s["standard"] for k, s in scores.items() if "standard" in s}
+    if standard:
+        cols = [("Covering", "covering"), ("PRI", "pri"), ("VoI", "voi"), ("VoI bits", "voi_bits")]
+        cols += [("P", "precision"), ("R", "recall"), ("F", "f")]
+        print(
+            f"{'standard':<8}"
+            + "".join(f"{c:>9}" for c, _ in cols)
+            + "   (BSDS500 benchmark; VoI in nats)"
+        )
+        for key, s in standard.items():
+            print(f"{key:<8}" + "".join(f"{_fmt(s[m]):>9}" for _, m in cols))
     print(
         f"{report['n_scored']}/{report['n_images']} images scored "
         f"({report['n_cached']} from cache), "

@@ -88,7 +88,7 @@ def comparison_grid(
     rows : sequence of dict
         Each with ``image`` (H, W, 3 uint8), ``annotation`` (H, W labels), ``guide``
         (H, W labels or None), ``result`` (H, W labels) and ``title`` (str, shown above
-        the row, e.g. id and scores).
+        the row, e.g. id and scores; one text line per ``"\\n"``-separated part).
     path : path
         Destination PNG (written atomically).
     tile_width : int
@@ -102,7 +102,7 @@ def comparison_grid(
         raise ValueError("comparison_grid needs at least one row")
     font, small = _font(16), _font(13)
     headers = ["image", "annotation", "guide", "result"]
-    pad, header_h, title_h = 8, 26, 22
+    pad, header_h, line_h = 8, 26, 18
     tiles_per_row = []
     for r in rows:
         img = np.asarray(r["image"])
@@ -122,7 +122,11 @@ def comparison_grid(
             )
         tiles_per_row.append((r.get("title", ""), pil, th))
     width = pad + 4 * (tile_width + pad)
-    height = header_h + sum(title_h + th + pad for _, _, th in tiles_per_row)
+
+    def title_h(title: str) -> int:
+        return 4 + line_h * len(title.split("\n"))
+
+    height = header_h + sum(title_h(t) + th + pad for t, _, th in tiles_per_row)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(headers):
@@ -130,8 +134,10 @@ def comparison_grid(
         draw.text((x, header_h // 2), name, fill=(0, 0, 0), font=font, anchor="mm")
     y = header_h
     for title, pil, th in tiles_per_row:
-        draw.text((pad, y + title_h // 2), title, fill=(0, 0, 0), font=small, anchor="lm")
-        y += title_h
+        for k, line in enumerate(title.split("\n")):
+            yc = y + 2 + line_h * k + line_h // 2
+            draw.text((pad, yc), line, fill=(0, 0, 0), font=small, anchor="lm")
+        y += title_h(title)
         for c, tile in enumerate(pil):
             canvas.paste(tile, (pad + c * (tile_width + pad), y))
         y += th + pad

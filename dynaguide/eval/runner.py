@@ -25,8 +25,14 @@ import numpy as np
 
 from dynaguide.config import DEFAULT_PRESET
 from dynaguide.errors import image_failure
+from dynaguide.eval.bsds_benchmark import standard_image_scores, standard_scores
 from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
-from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
+from dynaguide.eval.metrics import (
+    BSDS_MODES,
+    _prepare_prediction,
+    bsds_image_scores,
+    voc_image_scores,
+)
 
 __all__ = ["CACHE_FORMAT", "code_version", "evaluate", "load_cached", "summarize"]
 
@@ -43,6 +49,20 @@ _BSDS_DOC = (
     "predicted region (many-to-one); All = every annotation, Fine / Coarse = the "
     "annotation with the most / fewest labels (first on a tie); each mode averages ONE "
     "global list of GT segments over the dataset; Mean = (All + Fine + Coarse) / 3"
+)
+_STANDARD_DOC = (
+    "standard BSDS500 benchmark (Arbelaez et al., TPAMI 2011) under 'standard', against "
+    "every annotator: Segmentation Covering of the annotations by the prediction (pooled: "
+    "sum of |R| max IoU over all annotators' regions / (annotators x pixels), summed over "
+    "images); Probabilistic Rand Index (mean over annotators of the Rand index over "
+    "n(n-1)/2 pixel pairs; dataset: mean over images); Variation of Information, 'voi' in "
+    "nats and 'voi_bits' in bits (the benchmark's code uses log2, so published VoI values "
+    "are bits; mean over annotators, then over images; lower is better); boundary "
+    "precision / recall / F (seg2bmap boundary pixels, the prediction's thinned, matched "
+    "one-to-one within 0.0075 x the image diagonal by a maximum bipartite matching; "
+    "recall pools matched GT pixels over "
+    "annotators, a predicted pixel is correct if matched for any annotator; dataset: "
+    "pooled counts). One fixed output per image, so ODS = OIS"
 )
 _VOC_DOC = (
     "VOC segment-best-IoU (SPEC §6.2): each mask value one GT segment, background 0 "
@@ -206,10 +226,18 @@ def _score(
     resize: bool,
 ) -> dict[str, Any]:
     if item_kind == "bsds":
-        s = bsds_image_scores(
-            labels, annotations, connected_components=cc, connectivity=connectivity, resize=resize
+        pred = _prepare_prediction(
+            labels,
+            annotations[0].shape,
+            name="prediction",
+            resize=resize,
+            connected_components=cc,
+            connectivity=connectivity,
         )
-        return {k: s[k] for k in (*BSDS_MODES, "Mean", "counts", "sums", "n_pred_segments")}
+        s = bsds_image_scores(pred, annotations)
+        out = {k: s[k] for k in (*BSDS_MODES, "Mean", "counts", "sums", "n_pred_segments")}
+        out["standard"] = standard_image_scores(pred, annotations)
+        return out
     s = voc_image_scores(
         labels, annotations[0], connected_components=cc, connectivity=connectivity, resize=resize
     )
@@ -218,6 +246,10 @@ def _score(
 
 def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, Any]:
     """Dataset scores from per-image records (global segment lists: sums / counts).
+
+    For BSDS500 records that carry the standard benchmark (``"standard"``), the
+    dataset-level Covering / PRI / VoI / boundary P, R, F of
+    :func:`dynaguide.eval.standard_scores` are added under ``"standard"``.
 
     Parameters
     ----------
@@ -230,12 +262,9 @@ def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, 
     modes = BSDS_MODES if metric == "bsds" else ("mIoU",)
     sums = dict.fromkeys(modes, 0.0)
     counts = dict.fromkeys(modes, 0)
-    n = 0
-    for rec in images:
-        s = rec.get("scores", {}).get(key)
-        if s is None:
-            continue
-        n += 1
+    scored = [rec["scores"][key] for rec in images if key in rec.get("scores", {})]
+    n = len(scored)
+    for s in scored:
         for m in modes:
             sums[m] += s["sums"][m]
             counts[m] += s["counts"][m]
@@ -244,6 +273,9 @@ def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, 
         out["Mean"] = sum(out[m] for m in BSDS_MODES) / 3.0
     out["counts"] = counts
     out["n_images"] = n
+    standard = [s["standard"] for s in scored if "standard" in s]
+    if metric == "bsds" and len(standard) == len(scored):
+        out["standard"] = standard_scores(standard)
     return out
 
 
@@ -306,7 +338,8 @@ def evaluate(
     dict
         ``protocol`` (all settings, dataset, code version), ``scores`` (``raw`` and
         ``cc<N>``: dataset-level All / Fine / Coarse / Mean or mIoU with segment
-        counts), ``images`` (per-image records), ``failed`` (id and error of every
+        counts; for BSDS500 also ``standard``: Covering, PRI, VoI, boundary precision /
+        recall / F of :func:`dynaguide.eval.standard_scores`), ``images`` (per-image records), ``failed`` (id and error of every
         image that could not be scored), ``n_images``, ``n_scored``, ``seconds``.
 
     Raises
@@ -349,6 +382,7 @@ def evaluate(
         "n_images": len(items),
         "limit": limit,
         "metric": _BSDS_DOC if metric == "bsds" else _VOC_DOC,
+        **({"standard_metrics": _STANDARD_DOC} if metric == "bsds" else {}),
         "scores": {
             "raw": _SCORE_DOC["raw"],
             **({cc_key: _SCORE_DOC["cc"].format(c=connectivity)} if connected_components else {}),
@@ -514,6 +548,13 @@ def _run_one(
         title = f"{item.id}  K={meta['n_labels']}  {key} raw {scores['raw'][key]:.3f}"
         if cc:
             title += f"  cc {scores[f'cc{connectivity}'][key]:.3f}"
+        if metric == "bsds":
+            title += "".join(
+                f"\n{k}: Cov {st['covering']:.3f}  PRI {st['pri']:.3f}  "
+                f"VoI {st['voi']:.2f} nats  "
+                f"F {st['f']:.3f}"
+                for k, st in ((k, v["standard"]) for k, v in scores.items())
+            )
         rec["_plot"] = {
             "image": image,
             "annotation": annotations[0],
