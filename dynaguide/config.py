@@ -226,13 +226,19 @@ class RefineConfig:
         _positive_int("guide_margin", self.guide_margin, minimum=0, maximum=10_000)
         for name in ("guidance_anneal", "guide_margin"):
             object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("min_area", "merge_threshold"):
+        # min_area: a fraction below 1, else pixels; merge_threshold: LAB distances are < 400
+        for name, top in (("min_area", 2.0**40), ("merge_threshold", 1e4)):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not (
-                isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+                isinstance(value, numbers.Real) and math.isfinite(value) and 0 <= value <= top
             ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a finite number in [0, {top:g}], got {value!r}")
             object.__setattr__(self, name, float(value))
+        options = self.default_guidance_options
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise ValueError(
+                f"default_guidance_options must be a dict of option names, got {options!r}"
+            )
         budget = self.time_budget
         if budget is not None and (
             isinstance(budget, (bool, np.bool_))
