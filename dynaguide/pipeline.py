@@ -111,6 +111,8 @@ def fit_to_memory(
     from dynaguide.batched import estimate_refine_bytes, free_memory
 
     h, w = size
+    if config.max_iter == 0:  # no network: only the guide and the post-processing run
+        return size
     free = free_memory(device)
     need = estimate_refine_bytes(h, w, config)
     if need <= 0.6 * free:

@@ -182,3 +182,11 @@ def test_max_iter_zero_post_processes_the_guide_alone():
     assert all(np.array_equal(s.labels, seg.labels) for s in segs)
     with pytest.raises(ValueError, match="needs a guide"):
         dynaguide.segment(img, guidance=None, max_iter=0)
+
+
+def test_memory_fit_ignores_images_that_are_not_refined(monkeypatch):
+    monkeypatch.setattr("dynaguide.batched.free_memory", lambda device: 1024)
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = 200
+    seg = dynaguide.segment(img)  # the default runs no network: nothing to fit
+    assert seg.extra["refine_size"] == [40, 60] and seg.n_labels == 2
