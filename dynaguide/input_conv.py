@@ -84,6 +84,8 @@ class _InputConv(torch.autograd.Function):
 def _usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap / grad transforms
         return False
+    if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False  # nothing to gain without a backward; exporters see the plain conv
     return (
         x.device.type == "cpu"
         and x.dim() == 4
