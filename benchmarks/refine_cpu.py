@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -248,11 +249,7 @@ def main() -> None:
     # robust to load that changes during the run, unlike a ratio of medians.
     rounds = [a / d for a, d in zip(times["authors_loop"], times["default"], strict=True)]
     rounds.sort()
-    round_median = (
-        rounds[len(rounds) // 2]
-        if len(rounds) % 2
-        else sum(rounds[len(rounds) // 2 - 1 : len(rounds) // 2 + 1]) / 2
-    )
+    round_median = statistics.median(rounds)
     print(
         f"per-round speedup default vs authors' loop: median {round_median:.2f}x "
         f"(min {rounds[0]:.2f}x, max {rounds[-1]:.2f}x over {len(rounds)} rounds); "
