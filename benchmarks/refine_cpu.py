@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -244,6 +245,16 @@ def main() -> None:
         f"compute floor: {gflop:.1f} GFLOP/iter at {rate / 1e9:.0f} GFLOP/s (fp32 matmul, this run) = {floor:.3f} s/iter"
     )
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    # Ratios within each round (the two paths ran seconds apart, under about the same load):
+    # robust to load that changes during the run, unlike a ratio of medians.
+    rounds = [a / d for a, d in zip(times["authors_loop"], times["default"], strict=True)]
+    rounds.sort()
+    round_median = statistics.median(rounds)
+    print(
+        f"per-round speedup default vs authors' loop: median {round_median:.2f}x "
+        f"(min {rounds[0]:.2f}x, max {rounds[-1]:.2f}x over {len(rounds)} rounds); "
+        f"fastest iterations: {min(times['authors_loop']) / min(times['default']):.2f}x"
+    )
     payload = {
         "benchmark": "refine_cpu",
         "image": path.name,
@@ -254,6 +265,14 @@ def main() -> None:
         "load_average_after": list(load) if load else None,
         "paths": figures,
         "speedup_default_vs_authors_loop": speedup,
+        "speedup_default_vs_authors_loop_per_round": {
+            "median": round_median,
+            "min": rounds[0],
+            "max": rounds[-1],
+            "all": rounds,
+        },
+        "speedup_default_vs_authors_loop_fastest": min(times["authors_loop"])
+        / min(times["default"]),
         "speedup_default_vs_reference": med("reference") / med("default"),
         "speedup_default_vs_authors_loop_heap_reuse": reuse,
         "gflop_per_iter": gflop,

@@ -7,9 +7,11 @@
 #include <cstring>
 
 #include "common.h"
+#include "isa.h"
 #include "view.h"
 
 namespace dg {
+namespace DG_ISA {
 
 // Geometry of one image in the unified "rows of W pixels with L lanes" form:
 // channels-last: 1 plane, L = C lanes (the channels); planar: C planes, L = 1.
@@ -82,4 +84,5 @@ inline double lane_sum(const T *v, int64_t n) {
     return s;
 }
 
+}  // namespace DG_ISA
 }  // namespace dg

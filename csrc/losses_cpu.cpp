@@ -9,10 +9,11 @@
 #include <vector>
 
 #include "common.h"
+#include "isa.h"
 #include "loss_kernels.h"
-#include "losses.h"
 
 namespace dg {
+namespace DG_ISA {
 namespace {
 
 constexpr int64_t kBlock = 256;  // elements per block of a blocked reduction
@@ -380,4 +381,5 @@ void guidance_forward_cpu(const View &x, const View &target, int64_t ignore_inde
     });
 }
 
+}  // namespace DG_ISA
 }  // namespace dg

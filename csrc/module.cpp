@@ -12,8 +12,7 @@
 #include "bind.h"
 #include "common.h"
 #include "labels.h"
-#include "losses.h"
-#include "norm.h"
+#include "cpu_kernels.h"
 #ifdef DYNAGUIDE_WITH_CUDA
 #include "labels_cuda.h"  // cuda_device_count
 #endif
@@ -85,6 +84,8 @@ NB_MODULE(_native, m) {
         return false;
 #endif
     }, "Whether the extension was built with OpenMP.");
+    m.def("cpu_isa", &dg::cpu_isa,
+          "Instruction set of the CPU loss/normalisation kernels in use: 'avx2' or 'base'.");
     m.def("has_cuda", []() {
 #ifdef DYNAGUIDE_WITH_CUDA
         return true;

@@ -4,9 +4,10 @@
 #include <vector>
 
 #include "common.h"
-#include "norm.h"
+#include "isa.h"
 
 namespace dg {
+namespace DG_ISA {
 namespace {
 
 constexpr int64_t kRows = 256;  // rows per reduction block (fixed: results independent of threads)
@@ -159,4 +160,5 @@ void relu_bn_backward_cpu(const View &z, const View &gy, bool relu, const View &
     });
 }
 
+}  // namespace DG_ISA
 }  // namespace dg

@@ -6,10 +6,11 @@
 #include <string>
 
 #include "common.h"
+#include "isa.h"
 #include "loss_kernels.h"
-#include "losses.h"
 
 namespace dg {
+namespace DG_ISA {
 namespace {
 
 template <typename T>
@@ -75,4 +76,5 @@ void ce_pair_forward_cpu(const View &x, const View &labels, const View *target,
     });
 }
 
+}  // namespace DG_ISA
 }  // namespace dg

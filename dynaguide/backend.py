@@ -39,7 +39,8 @@ def _probe(name: str) -> tuple[bool, str]:
         except ImportError as exc:  # extension not built in this install
             return False, f"dynaguide._native not importable: {exc}"
         cuda = bool(getattr(mod, "has_cuda", lambda: False)())
-        return True, f"dynaguide._native (OpenMP threads={mod.max_threads()}, cuda={cuda})"
+        isa = getattr(mod, "cpu_isa", lambda: "base")()
+        return True, f"dynaguide._native (OpenMP threads={mod.max_threads()}, {isa}, cuda={cuda})"
     if name == "triton":
         try:
             triton = importlib.import_module("triton")

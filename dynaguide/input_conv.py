@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynaguide.cpu_runtime import serial
+
 __all__ = ["InputPatches", "input_conv"]
 
 
@@ -75,7 +77,10 @@ class _InputConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gout: torch.Tensor) -> Any:
         cols = ctx.patches.get(ctx.x, tuple(ctx.wshape[2:]), ctx.padding)
-        dwb = _rows(gout).t() @ cols  # (C_out, C_in*kh*kw + 1)
+        # (C_in*kh*kw + 1, C_out), transposed. One thread: this long-K, thin product ran
+        # 2.3x faster on one MKL thread than on two (17.7 vs 41 ms at 481x321), measured.
+        with serial():
+            dwb = (cols.t() @ _rows(gout)).t()
         dw = dwb[:, :-1].reshape(ctx.wshape)
         db = dwb[:, -1].contiguous()
         return None, dw, db, None, None
@@ -84,6 +89,8 @@ class _InputConv(torch.autograd.Function):
 def _usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap / grad transforms
         return False
+    if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False  # nothing to gain without a backward; exporters see the plain conv
     return (
         x.device.type == "cpu"
         and x.dim() == 4

@@ -58,6 +58,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 def _usable(z: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(z):  # vmap / grad transforms
         return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False  # exporters see the plain modules
     if not (
         z.device.type == "cpu"
         and z.dim() == 4

@@ -35,7 +35,7 @@ HBM traffic with a gradient: 2 reads of the response + 1 write of the gradient
 (+ 16 bytes per pixel for labels, m and t, + the target). Without one (``torch.no_grad``
 or a response that does not require grad): 1 read.
 
-In a training loop (one image; ``response = model(x)[0]`` is a channels-last view)::
+In a training loop (one image; ``response = model(x).squeeze(0)`` is a channels-last view)::
 
     loss, labels, k = dynaguide_loss(
         response, target,                 # target: (H, W) int64, -1 = unguided, or None

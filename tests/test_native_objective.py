@@ -112,3 +112,46 @@ def test_one_backward_and_bad_targets():
         objective(x, cfg, torch.tensor(0), lambda lab: torch.full_like(lab, 9))
     with pytest.raises(ValueError, match="does not match labels"):
         objective(x, cfg, torch.tensor(0), lambda lab: torch.zeros(2, 2, dtype=torch.long))
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from dynaguide.config import get_preset
+from dynaguide.refine import objective
+from dynaguide.norm import relu_batch_norm
+g = torch.Generator().manual_seed(3)
+x = (torch.randn(1, 20, 33, 41, generator=g) * 2).contiguous(memory_format=torch.channels_last)
+t = torch.randint(-1, 20, (33, 41), generator=g)
+r = x[0].clone().requires_grad_()
+loss, labels, k = objective(r, get_preset("dynaguide"), torch.tensor(0), lambda lab: t)
+loss.backward()
+z = x.clone().requires_grad_()
+bn = torch.nn.BatchNorm2d(20)
+y = relu_batch_norm(z, bn)
+y.backward(x)
+torch.save({"loss": loss.detach(), "labels": labels, "grad": r.grad, "y": y.detach(),
+            "dz": z.grad, "dgamma": bn.weight.grad}, sys.argv[1])
+"""
+
+
+def test_instruction_set_variants_agree(tmp_path):
+    """The AVX2 + FMA kernels and the baseline ones (DYNAGUIDE_CPU_ISA=base) compute the
+    same values within float32 round-off (FMA changes the rounding, not the result)."""
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for isa in ("default", "base"):
+        env = {**os.environ, "DYNAGUIDE_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=tmp_path,
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        out[isa] = torch.load(path)
+    a, b = out["default"], out["base"]
+    assert torch.equal(a["labels"], b["labels"])
+    for key in ("loss", "grad", "y", "dz", "dgamma"):
+        scale = b[key].abs().max().item()
+        assert (a[key] - b[key]).abs().max().item() <= 1e-5 * scale, key
