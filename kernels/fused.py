@@ -571,7 +571,10 @@ def dynaguide_loss(
     ----------
     response : Tensor, shape (C, H, W) or (N, C, H, W)
         float32, bfloat16, float16 or float64, any strides (channels-last is read in
-        place; the gradient comes back in the same memory format and dtype).
+        place; the gradient comes back in the same memory format and dtype). float16: the
+        gradient (entries of order 1 / (H W)) is kept in float32 until backward applies
+        ``grad_output``, so use a loss scale (``torch.amp.GradScaler``) for large images;
+        bfloat16 has float32's range and needs none.
     target : integer Tensor, shape (H, W) or (N, H, W), optional
         Guide labels aligned to the channels (``< C``) or ``ignore_index``. None (or
         ``guidance_weight=0``) drops the guidance term.
