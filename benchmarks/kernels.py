@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -162,6 +163,7 @@ def compile_report(*extra: str) -> list[dict[str, Any]]:
     out = subprocess.run(
         [sys.executable, "-m", "dynaguide.kernels._compile_check", "--arch", "90", *extra],
         env=env,
+        cwd=tempfile.gettempdir(),  # not the source tree, which would shadow the installed package
         capture_output=True,
         text=True,
         check=True,

@@ -36,6 +36,16 @@ View loss_input(const InArray &a) {
     return x;
 }
 
+// An int64 C-contiguous (N, H, W) map (labels, targets) matching the response x.
+template <typename A>
+View pixel_map(const A &a, const View &x, const char *name) {
+    View v = to_view(a, name, 3, nb::device::cpu::value);
+    expect_dtype(v, DType::I64, name);
+    expect_contiguous(v, name);
+    expect_shape(v, {x.shape[0], x.shape[2], x.shape[3]}, name);
+    return v;
+}
+
 template <typename A>
 View per_image(const A &a, const View &x, DType d, const char *name) {
     View v = to_view(a, name, 1, nb::device::cpu::value);
@@ -189,16 +199,10 @@ NB_MODULE(_native, m) {
            InArray b, OutArray grad, OutArray guide_loss) {
             const int cpu = nb::device::cpu::value;
             View xv = loss_input(x);
-            View lv = to_view(labels, "labels", 3, cpu);
-            expect_dtype(lv, DType::I64, "labels");
-            expect_contiguous(lv, "labels");
-            expect_shape(lv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "labels");
+            View lv = pixel_map(labels, xv, "labels");
             View tv;
             if (target) {
-                tv = to_view(*target, "target", 3, cpu);
-                expect_dtype(tv, DType::I64, "target");
-                expect_contiguous(tv, "target");
-                expect_shape(tv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "target");
+                tv = pixel_map(*target, xv, "target");
             }
             View av = per_image(a, xv, DType::F64, "a"), bv = per_image(b, xv, DType::F64, "b");
             View gv = to_view(grad, "grad", 4, cpu);
@@ -217,10 +221,7 @@ NB_MODULE(_native, m) {
         [](InArray x, OutArray labels, std::optional<OutArray> grad, OutArray loss, OutArray k) {
             const int cpu = nb::device::cpu::value;
             View xv = loss_input(x);
-            View lv = to_view(labels, "labels", 3, cpu);
-            expect_dtype(lv, DType::I64, "labels");
-            expect_contiguous(lv, "labels");
-            expect_shape(lv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "labels");
+            View lv = pixel_map(labels, xv, "labels");
             View gv;
             if (grad) gv = to_view(*grad, "grad", 4, cpu);
             View loss_v = per_image(loss, xv, DType::F64, "loss");
@@ -236,10 +237,7 @@ NB_MODULE(_native, m) {
         [](InArray x, InArray target, int64_t ignore_index, std::optional<OutArray> grad, OutArray loss) {
             const int cpu = nb::device::cpu::value;
             View xv = loss_input(x);
-            View tv = to_view(target, "target", 3, cpu);
-            expect_dtype(tv, DType::I64, "target");
-            expect_contiguous(tv, "target");
-            expect_shape(tv, {xv.shape[0], xv.shape[2], xv.shape[3]}, "target");
+            View tv = pixel_map(target, xv, "target");
             View gv;
             if (grad) gv = to_view(*grad, "grad", 4, cpu);
             View loss_v = per_image(loss, xv, DType::F64, "loss");

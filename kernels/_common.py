@@ -30,6 +30,7 @@ geometry switches to a few big programs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +224,22 @@ def split_float(x: float) -> tuple[float, float]:
     """
     hi = float(np.float32(x))
     return hi, float(np.float32(x - hi))
+
+
+# ------------------------------------------------------------- size-independent kernels
+# Integer kernel arguments whose value depends on the image size or the batch (sizes,
+# strides, counts, block counts, the per-image K floor): Triton must not specialise on them
+# (== 1, % 16), or most new sizes would compile new variants.
+SIZE_DEPENDENT = frozenset({
+    "H", "W", "HW", "N", "n_pblocks", "n_parts", "s_n", "s_c", "s_h", "g_n", "g_c", "t_n", "t_h",
+    "cnt_v", "cnt_h", "cnt_d", "kmin_scalar", "per_image",
+})  # fmt: skip
+
+
+def jit_any_size(fn: Any) -> Any:
+    """``triton.jit`` with the arguments of :data:`SIZE_DEPENDENT` in ``do_not_specialize``."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[p for p in params if p in SIZE_DEPENDENT])
 
 
 # ------------------------------------------------------------------- launch geometry

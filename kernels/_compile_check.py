@@ -4,8 +4,10 @@
 :func:`dynaguide.kernels.compile_only` (Triton's real argument specialisation and code
 generation down to a cubin, nothing launched) for float32 channels-last, bfloat16 NCHW
 and float32 NCHW responses of 100 channels, and prints one JSON line per kernel with its
-registers and spill bytes (from the ptxas bundled with Triton, when present). It needs
-``TRITON_INTERPRET`` unset.
+registers and spill bytes (from the ptxas bundled with Triton, when present). With
+``--variants K`` it counts instead how many variants of each kernel the training loop's
+calls compile over the first K image sizes of :data:`SIZES` (one per configuration means
+new image sizes reuse the compiled kernels). It needs ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations

@@ -25,13 +25,14 @@ from ._common import (
     _join,
     _row_sum,
     interpreting,
+    jit_any_size,
     launch,
     split_float,
 )
 
 
 # ------------------------------------------------------------------- finalisation
-@triton.jit(do_not_specialize=["n_parts", "kmin_scalar", "N", "HW"])
+@jit_any_size
 def _finalize_kernel(
     sim_part_ptr,
     cont_part_ptr,
@@ -176,7 +177,7 @@ def finalize(
 
 
 # ---------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["per_image"])
+@jit_any_size
 def _scale_grad_kernel(
     g_ptr,
     out_ptr,

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from ._common import (
@@ -46,6 +45,7 @@ from ._common import (
     direction_counts,
     geometry,
     grad_strides,
+    jit_any_size,
     launch,
     new_grad,
     split_float,
@@ -53,22 +53,7 @@ from ._common import (
 from ._finalize import GradStore, finalize
 
 
-@triton.jit(
-    do_not_specialize=[
-        "H",
-        "W",
-        "HW",
-        "n_pblocks",
-        "s_n",
-        "s_c",
-        "s_h",
-        "g_n",
-        "g_c",
-        "cnt_v",
-        "cnt_h",
-        "cnt_d",
-    ]
-)
+@jit_any_size
 def _continuity_kernel(
     r_ptr,
     g_ptr,

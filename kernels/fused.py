@@ -85,6 +85,7 @@ from ._common import (
     direction_counts,
     geometry,
     grad_strides,
+    jit_any_size,
     launch,
     new_grad,
     split_float,
@@ -101,22 +102,7 @@ class DynaGuideLoss(NamedTuple):
     n_labels: torch.Tensor
 
 
-@triton.jit(
-    do_not_specialize=[
-        "H",
-        "W",
-        "HW",
-        "n_pblocks",
-        "s_n",
-        "s_c",
-        "s_h",
-        "t_n",
-        "t_h",
-        "cnt_v",
-        "cnt_h",
-        "cnt_d",
-    ]
-)
+@jit_any_size
 def _pass1_kernel(
     r_ptr,
     t_ptr,
@@ -191,25 +177,7 @@ def _pass1_kernel(
         tl.atomic_add(row + C, tl.sum(valid.to(tl.int32), axis=0), sem="relaxed")
 
 
-@triton.jit(
-    do_not_specialize=[
-        "H",
-        "W",
-        "HW",
-        "n_pblocks",
-        "kmin_scalar",
-        "s_n",
-        "s_c",
-        "s_h",
-        "t_n",
-        "t_h",
-        "g_n",
-        "g_c",
-        "cnt_v",
-        "cnt_h",
-        "cnt_d",
-    ]
-)
+@jit_any_size
 def _pass2_kernel(
     r_ptr,
     t_ptr,
@@ -603,7 +571,10 @@ def dynaguide_loss(
     ----------
     response : Tensor, shape (C, H, W) or (N, C, H, W)
         float32, bfloat16, float16 or float64, any strides (channels-last is read in
-        place; the gradient comes back in the same memory format and dtype).
+        place; the gradient comes back in the same memory format and dtype). float16: the
+        gradient (entries of order 1 / (H W)) is kept in float32 until backward applies
+        ``grad_output``, so use a loss scale (``torch.amp.GradScaler``) for large images;
+        bfloat16 has float32's range and needs none.
     target : integer Tensor, shape (H, W) or (N, H, W), optional
         Guide labels aligned to the channels (``< C``) or ``ignore_index``. None (or
         ``guidance_weight=0``) drops the guidance term.

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from ._common import (
@@ -39,6 +38,7 @@ from ._common import (
     check_target,
     geometry,
     grad_strides,
+    jit_any_size,
     launch,
     new_grad,
     split_float,
@@ -47,9 +47,7 @@ from ._common import (
 from ._finalize import GradStore, finalize
 
 
-@triton.jit(
-    do_not_specialize=["W", "HW", "n_pblocks", "s_n", "s_c", "s_h", "t_n", "t_h", "g_n", "g_c"]
-)
+@jit_any_size
 def _guidance_kernel(
     r_ptr,
     t_ptr,

@@ -45,6 +45,7 @@ from ._common import (
     check_response,
     geometry,
     grad_strides,
+    jit_any_size,
     launch,
     new_grad,
     split_float,
@@ -52,7 +53,7 @@ from ._common import (
 from ._finalize import GradStore, finalize
 
 
-@triton.jit(do_not_specialize=["W", "HW", "n_pblocks", "s_n", "s_c", "s_h", "g_n", "g_c"])
+@jit_any_size
 def _similarity_kernel(
     r_ptr,
     g_ptr,
