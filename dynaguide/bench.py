@@ -45,6 +45,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dynaguide.cli_types import fraction as _scale
+from dynaguide.cli_types import positive_int as _positive_int
+
 __all__ = [
     "DEFAULT_DATA",
     "add_arguments",
@@ -72,24 +75,6 @@ _TINY = {"limit": 3, "max_iter": 3, "scale": 0.08, "repeats": 3, "throughput_rep
 
 
 # --------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _batch_size(text: str) -> int | str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import platform
 import sys
@@ -35,6 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dynaguide.cli_types import fraction as _scale
+from dynaguide.cli_types import pixels as _pixels
+from dynaguide.cli_types import positive_int as _positive_int
+from dynaguide.cli_types import seconds as _seconds
 from dynaguide.config import DEFAULT_PRESET
 
 __all__ = ["DEMO_IMAGES", "DEMO_MAX_ITER", "DEMO_SCALE", "build_parser", "main"]
@@ -63,50 +66,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # --------------------------------------------------------------------------- parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _pixels(text: str) -> int | str:
-    if text.lower() == "none":
-        return "none"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a pixel count >= 4 or 'none', got {text!r}"
-        ) from None
-    if value < 4:
-        raise argparse.ArgumentTypeError(f"expected a pixel count >= 4 or 'none', got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return value
-
-
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _key_value(text: str) -> tuple[str, Any]:

@@ -21,29 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dynaguide.cli_types import fraction as _scale
+from dynaguide.cli_types import positive_int as _positive_int
 from dynaguide.config import DEFAULT_PRESET
 
 __all__ = ["main", "register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _scale(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (0 < v <= 1):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return v
 
 
 def register(subparsers: Any) -> None:

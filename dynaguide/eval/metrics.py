@@ -116,12 +116,9 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h2, w2 = (int(s) for s in shape)
     if h2 <= 0 or w2 <= 0:
         raise ValueError(f"shape must be positive, got {shape!r}")
-    h, w = labels.shape
-    if (h, w) == (h2, w2):
-        return labels
-    rows = np.minimum(((np.arange(h2) + 0.5) * h / h2).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(w2) + 0.5) * w / w2).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
+    from dynaguide.pipeline import resize_labels
+
+    return resize_labels(labels, (h2, w2))
 
 
 def relabel_connected_components(labels: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
