@@ -148,6 +148,53 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "max_iter": 60,
         **_SMALL,
     },
+    # issue 9, round 2: adaptive k-means K, DFC's superpixel vote, multi-seed consensus
+    "alone:kmeans-auto": {"guide": "kmeans", "guide_options": {"n_clusters": "auto"}},
+    "s32:kmeans-auto": {
+        "preset": "dynaguide",
+        "guide": "kmeans",
+        "guide_options": {"n_clusters": "auto"},
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:kmeans12": {
+        "preset": "dynaguide",
+        "guide": "kmeans",
+        "guide_options": {"n_clusters": 12},
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:slic-vote": {
+        "preset": "dynaguide",
+        "guide": "slic",
+        "guide_options": {"n_segments": 400, "compactness": 10.0},
+        "alignment": "vote",
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:felzw-vote": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "alignment": "vote",
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:felzw-margin": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "guide_margin": 1,
+        "max_iter": 60,
+        **_SMALL,
+    },
+    "s32:kmeans-seeds3": {
+        "preset": "dynaguide",
+        "guide": "kmeans",
+        "max_iter": 60,
+        "seeds": [0, 1, 2],
+        **_SMALL,
+    },
 }
 
 
@@ -176,21 +223,55 @@ def _run_candidate(name: str, spec: dict[str, Any], rgb: np.ndarray) -> dict[str
     if name.startswith("alone:"):
         labels = get_guide(spec["guide"], **spec.get("guide_options", {}))(rgb)
         return {"labels": labels, "seconds": time.perf_counter() - t0, "n_iter": 0}
-    overrides = {k: v for k, v in spec.items() if k not in ("preset", "guide", "guide_options")}
-    seg = dg.segment(
-        rgb,
-        preset=spec["preset"],
-        guidance=spec["guide"],
-        guidance_options=spec.get("guide_options"),
-        seed=0,
-        **overrides,
-    )
+    skip = ("preset", "guide", "guide_options", "seeds")
+    overrides = {k: v for k, v in spec.items() if k not in skip}
+    segs = [
+        dg.segment(
+            rgb,
+            preset=spec["preset"],
+            guidance=spec["guide"],
+            guidance_options=spec.get("guide_options"),
+            seed=seed,
+            **overrides,
+        )
+        for seed in spec.get("seeds", [0])
+    ]
+    labels = segs[0].labels if len(segs) == 1 else consensus([s.labels for s in segs])
     return {
-        "labels": seg.labels,
+        "labels": labels,
         "seconds": time.perf_counter() - t0,
-        "n_iter": seg.n_iter,
-        "stop": seg.stop_reason,
+        "n_iter": sum(s.n_iter for s in segs),
+        "stop": segs[0].stop_reason,
     }
+
+
+def consensus(maps: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel majority of several label maps of one image (multi-seed consensus).
+
+    Each map's labels are matched to the first map's by a Hungarian assignment on their
+    overlap (unmatched labels get fresh ids), then each pixel takes the label most maps
+    agree on; ties go to the first map.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    ref = np.asarray(maps[0], dtype=np.int64)
+    n_ref = int(ref.max()) + 1
+    aligned = [ref]
+    for m in maps[1:]:
+        m = np.asarray(m, dtype=np.int64)
+        n_m = int(m.max()) + 1
+        overlap = np.bincount(m.ravel() * n_ref + ref.ravel(), minlength=n_m * n_ref)
+        rows, cols = linear_sum_assignment(overlap.reshape(n_m, n_ref), maximize=True)
+        mapping = np.arange(n_m, dtype=np.int64) + n_ref  # unmatched: ids after the first's
+        mapping[rows] = cols
+        aligned.append(mapping[m])
+    stack = np.stack(aligned)
+    best, best_votes = stack[0], (stack == stack[0]).sum(axis=0)
+    for s in stack[1:]:
+        votes = (stack == s).sum(axis=0)
+        take = votes > best_votes
+        best, best_votes = np.where(take, s, best), np.where(take, votes, best_votes)
+    return best
 
 
 def segment(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 WeightMode = Literal["constant", "fsf", "scf", "dynaguide"]
 SkipMode = Literal["none", "separate", "shared"]
-Alignment = Literal["overlap", "reference"]
+Alignment = Literal["overlap", "reference", "vote"]
 FinalPass = Literal["last", "train", "eval"]
 SilhouetteMode = Literal["off", "ssp", "reference"]
 InputFeatures = Literal["rgb", "rgb+xy", "rgb+lab", "rgb+lab+xy"]
@@ -64,8 +64,10 @@ class RefineConfig:
         or ``"reference"`` (K_eff in the weight only).
     Guidance (SPEC §3.3)
         ``alignment``: ``"overlap"`` (Hungarian on the overlap matrix, recomputed when the
-        set of live CNN labels changes) or ``"reference"`` (sorted-id modulo every
-        iteration).
+        set of live CNN labels changes), ``"reference"`` (sorted-id modulo every
+        iteration) or ``"vote"`` (the guide's regions as superpixels: each pixel's target
+        is the most frequent current label of its region, the majority vote of Kim et al.,
+        ICASSP 2018, as a boundary prior; regions may share a label).
     Output
         ``final_pass``: ``"last"`` (labels of the last training forward, DFC's
         ``visualize=1``), ``"train"`` (one more forward with BN batch statistics) or
@@ -167,7 +169,7 @@ class RefineConfig:
         _choice("neighbors", self.neighbors, (4, 8))
         object.__setattr__(self, "neighbors", int(self.neighbors))
         _choice("weight_mode", self.weight_mode, ("constant", "fsf", "scf", "dynaguide"))
-        _choice("alignment", self.alignment, ("overlap", "reference"))
+        _choice("alignment", self.alignment, ("overlap", "reference", "vote"))
         _choice("final_pass", self.final_pass, ("last", "train", "eval"))
         _choice("silhouette", self.silhouette, ("off", "ssp", "reference"))
         _choice("silhouette_features", self.silhouette_features, ("lab", "rgb", "response"))

@@ -69,3 +69,30 @@ def test_reference_mapping_sorted_modulo():
 def test_no_guidance_pixels():
     al = GuideAligner(torch.full((3, 3), -1), n_channels=4)
     assert (al.target(torch.zeros(3, 3, dtype=torch.long)) == IGNORE_INDEX).all()
+
+
+def test_vote_target_is_each_regions_majority_label():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        guide = rng.integers(-1, 6, size=(9, 8)) * 3  # negative = unguided
+        labels = rng.integers(0, 4, size=(9, 8))
+        al = GuideAligner(torch.from_numpy(guide), n_channels=4, mode="vote")
+        target = al.target(torch.from_numpy(labels)).numpy()
+        assert np.all(target[guide < 0] == IGNORE_INDEX)
+        for g in np.unique(guide[guide >= 0]):
+            inside = guide == g
+            counts = np.bincount(labels[inside], minlength=4)
+            assert np.all(target[inside] == int(np.argmax(counts)))  # ties: smallest label
+        # recomputed from the labels every call, even without refresh
+        again = al.target(torch.from_numpy((labels + 1) % 4), refresh=False).numpy()
+        for g in np.unique(guide[guide >= 0]):
+            inside = guide == g
+            counts = np.bincount((labels[inside] + 1) % 4, minlength=4)
+            assert np.all(again[inside] == int(np.argmax(counts)))
+
+
+def test_vote_lets_regions_share_a_label():
+    guide = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    labels = torch.tensor([[3, 3, 3, 0, 0, 0]])
+    al = GuideAligner(guide, n_channels=4, mode="vote")
+    assert al.target(labels).tolist() == [[3, 3, 0, 0, 0, 0]]

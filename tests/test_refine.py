@@ -106,6 +106,20 @@ def test_guidance_merges_what_the_guide_merges():
     assert len(left) == 1 and len(right) == 1 and left[0] != right[0]
 
 
+def test_vote_guidance_keeps_the_guides_boundaries():
+    """With superpixel voting, every guide region ends up one label; regions may share one."""
+    img = _image()
+    guide = np.zeros((24, 28), np.int64)
+    guide[:, 7:14], guide[:, 14:21], guide[:, 21:] = 1, 2, 3  # four vertical stripes
+    cfg = get_preset("dynaguide").replace(
+        max_iter=40, min_labels=0, convergence_tol=0.0, guidance_weight=3.0, alignment="vote"
+    )
+    labels = refine(img, cfg, guide_labels=guide, seed=0).labels.numpy()
+    for g in range(4):
+        values, counts = np.unique(labels[guide == g], return_counts=True)
+        assert counts.max() >= 0.95 * counts.sum(), (g, values, counts)
+
+
 def test_reference_path_matches_default_path():
     """NCHW + torch losses (reference path) and the default path give the same run."""
     cfg = get_preset("dynaguide").replace(max_iter=4, min_labels=0)

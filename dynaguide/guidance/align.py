@@ -9,6 +9,12 @@ channels, and negative guide labels, get ``ignore_index``.
 
 ``reference``: the released code's mapping, rebuilt every iteration: the i-th smallest
 guide value goes to the (i mod |U_C|)-th smallest live CNN label.
+
+``vote``: the guide's regions are superpixels and each region's target is the most frequent
+current CNN label inside it (ties: the smallest label), recomputed every iteration on the
+device without a host synchronisation. Several regions may share a channel: the guide fixes
+where boundaries may be, the network decides which regions merge (the superpixel
+refinement of Kim et al., "Unsupervised image segmentation by backpropagation", ICASSP 2018).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ class GuideAligner:
         Pseudo-labels on the refinement grid, any values; negative = no guidance.
     n_channels : int
         Number of CNN response channels C.
-    mode : {"overlap", "reference"}
+    mode : {"overlap", "reference", "vote"}
     """
 
     def __init__(self, guide_labels: torch.Tensor, n_channels: int, mode: str = "overlap"):
-        if mode not in ("overlap", "reference"):
-            raise ValueError(f"alignment mode must be 'overlap' or 'reference', got {mode!r}")
+        if mode not in ("overlap", "reference", "vote"):
+            raise ValueError(
+                f"alignment mode must be 'overlap', 'reference' or 'vote', got {mode!r}"
+            )
         if guide_labels.dim() != 2:
             raise ValueError(f"guide labels must be (H, W), got shape {tuple(guide_labels.shape)}")
         self.mode = mode
@@ -69,6 +77,8 @@ class GuideAligner:
             return self.guide
         if self.mode == "reference":
             return self._reference_target(labels)
+        if self.mode == "vote":
+            return self._vote_target(labels)
         if self._target is not None and not refresh:
             return self._target
         live = torch.bincount(labels.flatten(), minlength=self.n_channels) > 0
@@ -103,3 +113,18 @@ class GuideAligner:
         mapping = live_ids[torch.arange(self.n_guide, device=labels.device) % live_ids.numel()]
         mapped = mapping[self.guide.clamp_min(0)]
         return torch.where(self.guide >= 0, mapped, torch.full_like(mapped, IGNORE_INDEX))
+
+    def _vote_target(self, labels: torch.Tensor) -> torch.Tensor:
+        c = self.n_channels
+        flat = labels.flatten()
+        if self._valid_idx is not None:
+            flat = flat.index_select(0, self._valid_idx)
+        counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
+        winner = counts.reshape(self.n_guide, c).argmax(dim=1)  # first maximum: smallest label
+        slots = torch.cat([winner, winner.new_full((1,), IGNORE_INDEX)])
+        target = slots[self._guide_slot]
+        if self._target is None:
+            self._target = target
+        else:  # in place: a captured CUDA graph keeps reading the same buffer
+            self._target.copy_(target)
+        return self._target

@@ -37,8 +37,12 @@ class KMeansGuide:
 
     Parameters
     ----------
-    n_clusters : int
-        Number of colour clusters (5 in the authors' code).
+    n_clusters : int or "auto"
+        Number of colour clusters (5 in the authors' code). ``"auto"`` picks it per image:
+        the k in ``auto_range`` with the best silhouette score of k-means on a seeded
+        sample of 4000 pixels (:func:`dynaguide.silhouette.optimal_clusters`).
+    auto_range : (int, int)
+        Inclusive range of k tried by ``n_clusters="auto"``.
     sample : int
         Pixels drawn (seeded) to fit the centres; all pixels are then assigned.
     n_init : int
@@ -47,7 +51,8 @@ class KMeansGuide:
         Seed of the sample and of k-means.
     """
 
-    n_clusters: int = 5
+    n_clusters: int | str = 5
+    auto_range: tuple[int, int] = (2, 12)
     sample: int = 20000
     n_init: int = 4
     seed: int = 42
@@ -55,7 +60,13 @@ class KMeansGuide:
 
     def __post_init__(self) -> None:
         """Validate the options (TypeError / ValueError naming the option)."""
-        self.n_clusters = as_int(self.n_clusters, "kmeans n_clusters", minimum=1, maximum=256)
+        if self.n_clusters != "auto":
+            self.n_clusters = as_int(self.n_clusters, "kmeans n_clusters", minimum=1, maximum=256)
+        if not isinstance(self.auto_range, (tuple, list)) or len(self.auto_range) != 2:
+            raise ValueError(f"kmeans auto_range must be (lo, hi), got {self.auto_range!r}")
+        lo = as_int(self.auto_range[0], "kmeans auto_range[0]", minimum=2, maximum=256)
+        hi = as_int(self.auto_range[1], "kmeans auto_range[1]", minimum=lo, maximum=256)
+        self.auto_range = (lo, hi)
         self.sample = as_int(self.sample, "kmeans sample", minimum=1, maximum=10_000_000)
         self.n_init = as_int(self.n_init, "kmeans n_init", minimum=1, maximum=100)
         self.seed = as_int(self.seed, "kmeans seed", minimum=0, maximum=2**32 - 1)
@@ -74,7 +85,13 @@ class KMeansGuide:
             if lab.shape[0] <= self.sample
             else lab[rng.choice(lab.shape[0], self.sample, replace=False)]
         )
-        k = max(1, min(self.n_clusters, len(np.unique(fit, axis=0))))
+        if self.n_clusters == "auto":
+            from dynaguide.silhouette import optimal_clusters
+
+            wanted = optimal_clusters(fit, k_range=self.auto_range, seed=self.seed)
+        else:
+            wanted = int(self.n_clusters)
+        k = max(1, min(wanted, len(np.unique(fit, axis=0))))
         km = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.seed).fit(fit)
         return km.predict(lab).astype(np.int32).reshape(h, w)
 
