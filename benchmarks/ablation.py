@@ -188,6 +188,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "max_iter": 60,
         **_SMALL,
     },
+    # amp on CPU: hidden 3x3 convolutions in bf16 (quality check of the faster path)
+    "s32:felzw-amp": {
+        "preset": "dynaguide",
+        "guide": "felzenszwalb",
+        "guide_options": _FELZ_WORK,
+        "max_iter": 60,
+        "amp": True,
+        **_SMALL,
+    },
     "s32:kmeans-seeds3": {
         "preset": "dynaguide",
         "guide": "kmeans",

@@ -40,7 +40,7 @@ from dynaguide.benchmarking import matmul_rate, summarize, write_results
 from dynaguide.config import RefineConfig, get_preset
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image
-from dynaguide.model import build_model, conv_flops_per_pixel
+from dynaguide.model import build_model, conv_flops_per_pixel, cpu_has_native_bf16
 from dynaguide.refine import RefineStep
 
 VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "val" / "images"
@@ -209,6 +209,8 @@ def main() -> None:
         "reference": {"backend": "torch", "channels_last": False},
         "default": {"backend": None, "channels_last": True},
     }
+    if cpu_has_native_bf16():  # amp=True: hidden 3x3 convolutions in bf16, the rest float32
+        lib_paths["amp_bf16"] = {"backend": None, "channels_last": True, "amp": True}
     for name, opts in lib_paths.items():
         step = RefineStep(image, cfg, guide_labels=guide, device=cpu, seed=0, **opts)
         steps[name] = (step.step, {**{k: str(v) for k, v in opts.items()}, "heap_reuse": "True"})
@@ -255,6 +257,22 @@ def main() -> None:
         f"(min {rounds[0]:.2f}x, max {rounds[-1]:.2f}x over {len(rounds)} rounds); "
         f"fastest iterations: {min(times['authors_loop']) / min(times['default']):.2f}x"
     )
+    amp_figures = {}
+    if "amp_bf16" in steps:
+        amp_rounds = sorted(
+            a / d for a, d in zip(times["authors_loop"], times["amp_bf16"], strict=True)
+        )
+        amp_figures = {
+            "speedup_amp_bf16_vs_authors_loop": med("authors_loop") / med("amp_bf16"),
+            "speedup_amp_bf16_vs_authors_loop_per_round_median": statistics.median(amp_rounds),
+            "speedup_amp_bf16_vs_default": med("default") / med("amp_bf16"),
+        }
+        print(
+            f"speedup amp (bf16 hidden convolutions) vs authors' loop: "
+            f"{amp_figures['speedup_amp_bf16_vs_authors_loop']:.2f}x (per-round median "
+            f"{amp_figures['speedup_amp_bf16_vs_authors_loop_per_round_median']:.2f}x), "
+            f"vs default {amp_figures['speedup_amp_bf16_vs_default']:.2f}x"
+        )
     payload = {
         "benchmark": "refine_cpu",
         "image": path.name,
@@ -279,6 +297,7 @@ def main() -> None:
         "matmul_gflops": rate / 1e9,
         "floor_seconds_per_iter": floor,
         "default_fraction_of_floor": floor / med("default"),
+        **amp_figures,
     }
     print("wrote", write_results("refine_cpu", cpu, payload, args.out))
 

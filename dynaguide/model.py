@@ -8,7 +8,10 @@ of the single image while training.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynaguide.config import RefineConfig
@@ -52,6 +55,17 @@ class RefineNet(nn.Module):
         self.out_norm = nn.BatchNorm2d(n_channels)
         self._patches = InputPatches()  # im2col of the input image, for the weight gradients
 
+    #: dtype of the hidden 3x3 convolutions (None: the input's dtype). ``amp=True`` sets
+    #: bfloat16 on CPUs with native bf16 arithmetic (:func:`mixed_precision`).
+    hidden_dtype: torch.dtype | None = None
+
+    def _hidden_conv(self, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        d = self.hidden_dtype
+        if d is None or d == h.dtype:
+            return conv(h)
+        bias = None if conv.bias is None else conv.bias.to(d)
+        return F.conv2d(h.to(d), conv.weight.to(d), bias, padding=conv.padding).to(h.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Response map of ``x`` (N, 3, H, W) -> (N, C, H, W)."""
         first = input_conv(x, self.convs[0], self._patches)
@@ -63,10 +77,42 @@ class RefineNet(nn.Module):
         last = len(self.convs) - 1
         h = first  # (the input of block 1; block 0 takes `first` directly)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            z = first if i == 0 else conv(h)
+            z = first if i == 0 else self._hidden_conv(conv, h)
             # the skip branch is added to the last block's output (in its normalisation pass)
             h = relu_batch_norm(z, norm, residual=skip if i == last else None)
         return relu_batch_norm(self.classifier(h), self.out_norm, relu=False)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs oneDNN bfloat16 convolutions natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def mixed_precision(model: RefineNet, device: torch.device, amp: bool) -> bool:
+    """Set up ``amp`` for ``model`` on ``device``; returns whether to run under autocast.
+
+    CUDA: bf16 autocast over the forward. CPU: the hidden 3x3 convolutions (most of the
+    FLOPs) run in bfloat16, weights and activations cast per call, everything else in
+    float32; a CPU without native bf16 keeps float32 with a warning (emulated bf16 is
+    slower). Without ``amp`` nothing changes.
+    """
+    model.hidden_dtype = None
+    if not amp:
+        return False
+    if device.type != "cpu":
+        return True
+    if cpu_has_native_bf16():
+        model.hidden_dtype = torch.bfloat16
+    else:
+        warnings.warn(
+            "amp=True on a CPU without native bfloat16 (AVX512-BF16/AMX): running in float32",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def build_model(

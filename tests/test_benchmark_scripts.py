@@ -79,7 +79,13 @@ def test_refine_cpu_script_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     _load("refine_cpu").main()
     data = json.loads((tmp_path / "refine_cpu-cpu.json").read_text())
-    assert set(data["paths"]) == {"authors_loop", "authors_loop_heap_reuse", "reference", "default"}
+    from dynaguide.model import cpu_has_native_bf16
+
+    paths = {"authors_loop", "authors_loop_heap_reuse", "reference", "default"}
+    if cpu_has_native_bf16():
+        paths.add("amp_bf16")
+        assert data["speedup_amp_bf16_vs_authors_loop"] > 0
+    assert set(data["paths"]) == paths
     assert data["speedup_default_vs_authors_loop"] > 0
 
 
