@@ -1,7 +1,8 @@
 """dynaguide: unsupervised image segmentation by per-image CNN refinement.
 
-DFC, DynaSeg and DynaGuide (see ``SPEC``), with fused kernels behind a plain PyTorch
-reference. Quick start::
+DFC (Kim, Kanezaki and Tanaka, "Unsupervised Learning of Image Segmentation Based on
+Differentiable Feature Clustering", IEEE TIP 2020), DynaSeg and DynaGuide, with fused
+kernels behind a plain PyTorch reference. Quick start::
 
     import dynaguide as dg
     seg = dg.segment("photo.jpg")          # default preset and guide
@@ -16,6 +17,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from dynaguide.api import segment
+from dynaguide.loading import load_segmentation
 from dynaguide.backend import env_report
 from dynaguide.batch import segment_batch
 from dynaguide.batched import refine_batch
@@ -40,6 +42,7 @@ __all__ = [
     "get_guide",
     "get_preset",
     "label_colors",
+    "load_segmentation",
     "presets",
     "refine_batch",
     "register_guide",
