@@ -17,12 +17,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from dynaguide.api import segment
-from dynaguide.loading import load_segmentation
 from dynaguide.backend import env_report
 from dynaguide.batch import segment_batch
 from dynaguide.batched import refine_batch
 from dynaguide.config import RefineConfig, get_preset, presets
 from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
+from dynaguide.loading import load_segmentation
 from dynaguide.native import connected_components, relabel_sequential
 from dynaguide.segmentation import Segmentation, label_colors
 

@@ -44,7 +44,7 @@ def _default_batch_size(device: torch.device) -> int | str:
 def segment_batch(
     images: Iterable[Any],
     *,
-    on_error: str = "raise",
+    on_error: str | Callable[[int, BaseException], None] = "raise",
     progress: ProgressHook | None = None,
     device: str | torch.device | None = "auto",
     batch_size: int | str | None = None,
@@ -65,7 +65,9 @@ def segment_batch(
         while one input is processed (unreadable, invalid, too large for the device, a
         failing guide, a diverged refinement, ...) is reported with a warning naming the
         input, its slot in the result is ``None``, and the rest go on; finished images are
-        never lost. ``"raise"``: the first failure propagates.
+        never lost. ``"raise"``: the first failure propagates. A callable
+        ``(index, exception)``: as ``"skip"``, but the exception is handed to it instead of
+        a warning (failures that stop a run, like a full output disk, still propagate).
     progress : callable(index, result), optional
         Called once per input as it is done (``result`` is None for a skipped input).
         Batched runs finish images out of order.
@@ -107,8 +109,8 @@ def segment_batch(
     >>> [s.labels.shape for s in segs]
     [(16, 16), (16, 16)]
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not callable(on_error) and on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
     from PIL import Image
 
     if isinstance(images, (*_NOT_A_COLLECTION, Image.Image)) or not isinstance(images, Iterable):
@@ -158,17 +160,20 @@ _SEGMENT_ARGS = frozenset(
 )  # fmt: skip
 
 
-def _skip(i: int, item: Any, exc: BaseException, on_error: str) -> None:
-    """The per-image policy (:mod:`dynaguide.errors`): re-raise or warn and go on."""
+def _skip(i: int, item: Any, exc: BaseException, on_error: Any) -> None:
+    """The per-image policy (:mod:`dynaguide.errors`): re-raise, or report and go on."""
     if on_error == "raise":
         raise exc
     failure = image_failure(exc, _describe(i, item))  # re-raises what stops a run
-    warnings.warn(f"skipped {failure.message}", stacklevel=4)
+    if callable(on_error):
+        on_error(i, exc)
+    else:
+        warnings.warn(f"skipped {failure.message}", stacklevel=4)
 
 
 def _sequential(
     items: Sequence[Any],
-    on_error: str,
+    on_error: Any,
     progress: ProgressHook | None,
     dev: torch.device,
     kwargs: dict[str, Any],
@@ -188,7 +193,7 @@ def _sequential(
 
 def _batched(
     items: Sequence[Any],
-    on_error: str,
+    on_error: Any,
     progress: ProgressHook | None,
     dev: torch.device,
     batch_size: int | str,

@@ -15,6 +15,7 @@ finds its siblings by stem and rebuilds the :class:`~dynaguide.segmentation.Segm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -152,10 +153,8 @@ def load_segmentation(path: str | os.PathLike[str], *, image: Any = None) -> Seg
         rgb, origin = _image(labels, summary, segments, files)
     config: Any = summary.get("config")
     if isinstance(config, dict):
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # another version's: kept as a dict
             config = RefineConfig.from_dict(config)
-        except (TypeError, ValueError):
-            pass  # a config of another version: kept as the dict it is
     n_labels = int(summary.get("n_labels", int(labels.max()) + 1 - start))
     return Segmentation(
         labels=labels,
