@@ -243,3 +243,13 @@ def test_labels_png_round_trip_of_start_label(tmp_path: Path) -> None:
     seg = _seg(1)
     paths = seg.save(tmp_path, "s")
     np.testing.assert_array_equal(read_label_png(paths["labels"]), seg.labels)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_parquet_records_keep_start_label(start: int) -> None:
+    from dynaguide.distributed.records import labels_from_record, segment_record
+
+    seg = _seg(start)
+    record = segment_record(seg, "cat", 0.0, "w")
+    assert [s["label"] for s in record["segments"]] == list(range(start, start + seg.n_labels))
+    np.testing.assert_array_equal(labels_from_record(record), seg.labels)

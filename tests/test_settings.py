@@ -135,3 +135,15 @@ def test_the_settings_record_is_complete(tmp_path: Path) -> None:
     custom = dynaguide.get_preset("dfc").replace(name="mine", mu=2.0)
     rec = dynaguide.segment(img, preset=custom, max_iter=1, device="cpu").extra["settings"]
     assert rec["preset"] == "mine" and rec["overrides"]["mu"] == 2.0
+
+
+def test_segment_batch_hands_failures_to_a_callable(tmp_path: Path) -> None:
+    errors: dict[int, BaseException] = {}
+    good = _images(1)[0]
+    segs = dynaguide.segment_batch(
+        [good, tmp_path / "missing.png", good], on_error=errors.__setitem__, **FAST
+    )
+    assert segs[1] is None and segs[0] is not None and segs[2] is not None
+    assert list(errors) == [1] and "missing.png" in str(errors[1])
+    with pytest.raises(ValueError, match="on_error must be"):
+        dynaguide.segment_batch([good], on_error="ignore", **FAST)
