@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
+import os
 import platform
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,23 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _plain(value: Any) -> Any:
+    """``value`` if it is plain JSON data (numbers, text, lists, dicts of them), else its
+    ``repr`` (at most 200 characters): a guide option may be a callable or an array."""
+    if isinstance(value, np.generic) and value.ndim == 0:
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) <= 64:
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _overridden(config: RefineConfig, base: RefineConfig) -> dict[str, Any]:
     mine, theirs = config.to_dict(), base.to_dict()
     return {k: v for k, v in mine.items() if k != "name" and theirs.get(k) != v}
@@ -197,7 +215,7 @@ def settings_record(
         name, base = preset.name, RefineConfig()
     else:
         name, base = str(preset).lower(), get_preset(preset)
-    options = {k: (repr(v) if callable(v) else v) for k, v in guide.options.items()}
+    options = {k: _plain(v) for k, v in guide.options.items()}
     return {
         "preset": name,
         "overrides": _overridden(config, base),

@@ -147,3 +147,14 @@ def test_segment_batch_hands_failures_to_a_callable(tmp_path: Path) -> None:
     assert list(errors) == [1] and "missing.png" in str(errors[1])
     with pytest.raises(ValueError, match="on_error must be"):
         dynaguide.segment_batch([good], on_error="ignore", **FAST)
+
+
+def test_guide_options_are_recorded_as_plain_json() -> None:
+    from dynaguide.settings import ResolvedGuide, settings_record
+
+    opts = {"k": np.int64(3), "path": Path("/m/x.onnx"), "fn": len, "arr": np.zeros(4), "t": (1, 2)}
+    rec = settings_record("dfc", dynaguide.get_preset("dfc"), ResolvedGuide(None, "g", opts), 0)
+    assert rec["guide_options"]["k"] == 3 and rec["guide_options"]["path"] == "/m/x.onnx"
+    assert rec["guide_options"]["t"] == [1, 2] and "len" in rec["guide_options"]["fn"]
+    assert isinstance(rec["guide_options"]["arr"], str)
+    json.dumps(rec)  # JSON-able as it is
