@@ -1,7 +1,8 @@
 """dynaguide: unsupervised image segmentation by per-image CNN refinement.
 
-DFC, DynaSeg and DynaGuide (see ``SPEC``), with fused kernels behind a plain PyTorch
-reference. Quick start::
+DFC (Kim, Kanezaki and Tanaka, "Unsupervised Learning of Image Segmentation Based on
+Differentiable Feature Clustering", IEEE TIP 2020), DynaSeg and DynaGuide, with fused
+kernels behind a plain PyTorch reference. Quick start::
 
     import dynaguide as dg
     seg = dg.segment("photo.jpg")          # default preset and guide
@@ -21,6 +22,7 @@ from dynaguide.batch import segment_batch
 from dynaguide.batched import refine_batch
 from dynaguide.config import RefineConfig, get_preset, presets
 from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
+from dynaguide.loading import load_segmentation
 from dynaguide.native import connected_components, relabel_sequential
 from dynaguide.segmentation import Segmentation, label_colors
 
@@ -40,6 +42,7 @@ __all__ = [
     "get_guide",
     "get_preset",
     "label_colors",
+    "load_segmentation",
     "presets",
     "refine_batch",
     "register_guide",

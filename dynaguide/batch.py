@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.api import DEFAULT_PRESET, build_config, resolve_device, segment
+from dynaguide.api import DEFAULT_PRESET, build_config, check_start_label, finalize, segment
+from dynaguide.devices import resolve_device, torch_threads
 from dynaguide.errors import as_int, image_failure
 from dynaguide.pipeline import DEFAULT, Prepared, finish, prepare
 from dynaguide.refine import RefineResult
 from dynaguide.segmentation import Segmentation
+from dynaguide.settings import as_seed, resolve_guidance, settings_record
 
 ProgressHook = Callable[[int, "Segmentation | None"], None]
 #: ``images`` values that are one image (or a folder), not a collection of images.
@@ -42,10 +44,11 @@ def _default_batch_size(device: torch.device) -> int | str:
 def segment_batch(
     images: Iterable[Any],
     *,
-    on_error: str = "raise",
+    on_error: str | Callable[[int, BaseException], None] = "raise",
     progress: ProgressHook | None = None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = "auto",
     batch_size: int | str | None = None,
+    num_threads: int | None = None,
     **kwargs: Any,
 ) -> list[Segmentation | None]:
     """Segment many images with the same settings as :func:`dynaguide.segment`.
@@ -62,21 +65,27 @@ def segment_batch(
         while one input is processed (unreadable, invalid, too large for the device, a
         failing guide, a diverged refinement, ...) is reported with a warning naming the
         input, its slot in the result is ``None``, and the rest go on; finished images are
-        never lost. ``"raise"``: the first failure propagates.
+        never lost. ``"raise"``: the first failure propagates. A callable
+        ``(index, exception)``: as ``"skip"``, but the exception is handed to it instead of
+        a warning (failures that stop a run, like a full output disk, still propagate).
     progress : callable(index, result), optional
         Called once per input as it is done (``result`` is None for a skipped input).
         Batched runs finish images out of order.
-    device : str or torch.device
+    device : "auto", "cpu", "cuda[:N]", "mps" or torch.device
+        ``"auto"`` (default): CUDA when present, else the CPU.
     batch_size : int, "auto" or None
         Images refined at once. ``1``: one after another. ``"auto"``: as many images of one
         refinement size as the free device memory holds
         (:func:`dynaguide.batched.auto_batch_size`). None (default): ``"auto"`` on CUDA and
         1 on CPU (on a few CPU cores one image already keeps them busy).
+    num_threads : int, optional
+        torch intra-op threads for the whole call; the previous count is restored after.
     **kwargs
         Passed to :func:`dynaguide.segment` (``preset``, ``guidance``, ``seed``,
-        ``max_iter``, ``scale``, config overrides, ...). Every image uses the same seed,
-        as with sequential calls. ``callback`` and ``cuda_graph`` work only with
-        ``batch_size=1``.
+        ``max_iter``, ``scale``, ``start_label``, ``return_tensors``, config overrides,
+        ...). Every image uses the same seed, as with sequential calls (a
+        ``numpy.random.Generator`` is drawn from once). A named guide is built once for
+        all the images. ``callback`` and ``cuda_graph`` work only with ``batch_size=1``.
 
     Returns
     -------
@@ -100,8 +109,8 @@ def segment_batch(
     >>> [s.labels.shape for s in segs]
     [(16, 16), (16, 16)]
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not callable(on_error) and on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
     from PIL import Image
 
     if isinstance(images, (*_NOT_A_COLLECTION, Image.Image)) or not isinstance(images, Iterable):
@@ -119,7 +128,8 @@ def segment_batch(
             raise ValueError(
                 f"batch_size must be None, 'auto' or an int >= 1, got {batch_size!r}"
             ) from None
-    kwargs["seed"] = as_int(kwargs.get("seed", 0), "seed", minimum=0, maximum=2**32 - 1)
+    kwargs["seed"] = as_seed(kwargs.get("seed", 0))
+    check_start_label(kwargs.get("start_label", 0))
     # settings errors are not input errors: raise them before any image is touched
     config = build_config(
         kwargs.get("preset", DEFAULT_PRESET),
@@ -127,34 +137,43 @@ def segment_batch(
         **{k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS},
     )
     items: Sequence[Any] = list(images)
-    if batch_size == 1 or config.max_iter == 0:  # no refinement: nothing to batch
-        return _sequential(items, on_error, progress, dev, kwargs)
-    for name in ("callback", "cuda_graph"):
-        if kwargs.get(name):
-            raise ValueError(
-                f"{name}= works only with batch_size=1 (got batch_size={batch_size!r})"
-            )
-    return _batched(items, on_error, progress, dev, batch_size, kwargs)
+    with torch_threads(num_threads):
+        # built once for every image (an ONNX export and session for a learned guide)
+        kwargs["guidance"] = resolve_guidance(
+            kwargs.get("guidance", DEFAULT), kwargs.pop("guidance_options", None), config,
+            kwargs["seed"],
+        )  # fmt: skip
+        if batch_size == 1 or config.max_iter == 0:  # no refinement: nothing to batch
+            return _sequential(items, on_error, progress, dev, kwargs)
+        for name in ("callback", "cuda_graph"):
+            if kwargs.get(name):
+                raise ValueError(
+                    f"{name}= works only with batch_size=1 (got batch_size={batch_size!r})"
+                )
+        return _batched(items, on_error, progress, dev, batch_size, kwargs, config)
 
 
 #: segment() keywords that are not RefineConfig overrides.
 _SEGMENT_ARGS = frozenset(
     {"preset", "guidance", "guidance_options", "seed", "max_iter", "scale", "callback", "name",
-     "amp", "cuda_graph"}
+     "amp", "cuda_graph", "num_threads", "start_label", "return_tensors"}
 )  # fmt: skip
 
 
-def _skip(i: int, item: Any, exc: BaseException, on_error: str) -> None:
-    """The per-image policy (:mod:`dynaguide.errors`): re-raise or warn and go on."""
+def _skip(i: int, item: Any, exc: BaseException, on_error: Any) -> None:
+    """The per-image policy (:mod:`dynaguide.errors`): re-raise, or report and go on."""
     if on_error == "raise":
         raise exc
     failure = image_failure(exc, _describe(i, item))  # re-raises what stops a run
-    warnings.warn(f"skipped {failure.message}", stacklevel=4)
+    if callable(on_error):
+        on_error(i, exc)
+    else:
+        warnings.warn(f"skipped {failure.message}", stacklevel=4)
 
 
 def _sequential(
     items: Sequence[Any],
-    on_error: str,
+    on_error: Any,
     progress: ProgressHook | None,
     dev: torch.device,
     kwargs: dict[str, Any],
@@ -174,19 +193,23 @@ def _sequential(
 
 def _batched(
     items: Sequence[Any],
-    on_error: str,
+    on_error: Any,
     progress: ProgressHook | None,
     dev: torch.device,
     batch_size: int | str,
     kwargs: dict[str, Any],
+    config: Any,
 ) -> list[Segmentation | None]:
     from dynaguide.batched import refine_batch
 
     seed = kwargs["seed"]
-    overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS}
-    config = build_config(
-        kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
-    )
+    guide = kwargs["guidance"]
+    start_label = kwargs.get("start_label", 0)
+    record = settings_record(
+        kwargs.get("preset", DEFAULT_PRESET), config, guide, seed, device=str(dev),
+        scale=kwargs.get("scale"), amp=bool(kwargs.get("amp", False)), cuda_graph=False,
+        start_label=start_label, batch_size=batch_size,
+    )  # fmt: skip
     out: list[Segmentation | None] = [None] * len(items)
     buckets: dict[tuple[int, int], list[tuple[int, Prepared]]] = {}
     for i, item in enumerate(items):
@@ -195,8 +218,7 @@ def _batched(
             p = prepare(
                 item,
                 config,
-                guidance=kwargs.get("guidance", DEFAULT),
-                guidance_options=kwargs.get("guidance_options"),
+                guidance=guide.guidance,
                 scale=kwargs.get("scale"),
                 name=name,
                 label=name or (str(item) if isinstance(item, (str, os.PathLike)) else f"input {i}"),
@@ -214,9 +236,11 @@ def _batched(
         def done(j: int, result: RefineResult, group: list[tuple[int, Prepared]] = group) -> None:
             index, p = group[j]
             try:
-                seg: Segmentation | None = finish(
-                    p, result, config, device=dev, seed=seed, batched=True
-                )
+                seg: Segmentation | None = finalize(
+                    finish(p, result, config, device=dev, seed=seed, batched=True),
+                    guide, record, start_label=start_label,
+                    return_tensors=bool(kwargs.get("return_tensors", False)),
+                )  # fmt: skip
             except Exception as failure:
                 _skip(index, items[index], failure, on_error)
                 seg = None

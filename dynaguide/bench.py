@@ -25,9 +25,9 @@ Three sections, each a ratio measured in the same process on the same inputs:
     are identical); the floor is the FLOPs of all the iterations actually run over the
     matmul rate.
 
-Results go to ``benchmarks/results/bench-<device>.json`` (``bench-tiny-<device>.json``
-with ``--tiny``, so a smoke run never overwrites real figures) via
-:func:`dynaguide.benchmarking.write_results`.
+Results go to ``--out`` (default: the current directory) as ``bench-<device>.json``
+(``bench-tiny-<device>.json`` with ``--tiny``, so a smoke run never overwrites real
+figures) via :func:`dynaguide.benchmarking.write_results`.
 
     dynaguide bench --device cuda
     dynaguide bench --tiny --out /tmp/bench          # < 1 min on 2 CPU cores
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaguide.cli_types import fraction as _scale
+from dynaguide.cli_types import plain_text
 from dynaguide.cli_types import positive_int as _positive_int
 
 __all__ = [
@@ -131,7 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vmap", action="store_true", help="also time torch.func.vmap batching in (c)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="results folder (default benchmarks/results)"
+        "--out",
+        type=Path,
+        default=Path("."),
+        help="results folder (default: the current directory)",
     )
 
 
@@ -140,7 +144,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
         help="kernel, per-iteration and throughput speedups on this device",
-        description=__doc__.split("\n\n", 1)[0] + " See `dynaguide.bench` for the sections.",
+        description=plain_text(__doc__.split("\n\n", 1)[0])
+        + " See dynaguide.bench for the sections.",
     )
     add_arguments(p)
     p.set_defaults(func=run, _parser=p)
@@ -148,7 +153,7 @@ def register(subparsers: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A standalone parser with the ``bench`` options (for scripts)."""
-    p = argparse.ArgumentParser(prog="dynaguide bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="dynaguide bench", description=plain_text(__doc__ or ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(p)
     p.set_defaults(func=run, _parser=p)

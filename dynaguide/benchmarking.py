@@ -133,9 +133,14 @@ def write_results(
     name: str, device: torch.device, payload: dict[str, Any], out_dir: str | Path | None = None
 ) -> Path:
     """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically
-    (default ``benchmarks/results`` of the running script's repository)."""
-    root = _script_root() or Path(__file__).resolve().parents[1]
-    out = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
+    (default ``benchmarks/results`` of the running benchmark script's repository, or the
+    current directory when no such script runs: never inside the installed package)."""
+    root = _script_root()
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else (root / "benchmarks" / "results" if root is not None else Path.cwd())
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{device.type}.json"
     tmp = path.with_suffix(".json.tmp")

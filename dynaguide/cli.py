@@ -3,8 +3,10 @@
 Subcommands defined here:
 
 ``dynaguide segment IN OUT``
-    Segment one image file or every image in a folder; writes ``<stem>.labels.png``
-    (16-bit), ``<stem>.overlay.png`` and ``<stem>.json`` per image into ``OUT``.
+    Segment one image file, every image in a folder, or a list of paths; writes the
+    chosen formats (``<stem>.labels.png``, 16-bit, and ``<stem>.overlay.png`` by default)
+    and ``<stem>.json`` per image into ``OUT``. Its options live in
+    :mod:`dynaguide.cli_segment`.
 ``dynaguide demo``
     Segment scikit-image's bundled sample images (no download) and write the results.
 ``dynaguide env``
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -34,10 +35,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dynaguide.cli_segment import (
+    add_segment_parser,
+    check_device,
+    resolve_guidance_name,
+    segment_kwargs,
+)
 from dynaguide.cli_types import fraction as _scale
-from dynaguide.cli_types import pixels as _pixels
 from dynaguide.cli_types import positive_int as _positive_int
-from dynaguide.cli_types import seconds as _seconds
 from dynaguide.config import DEFAULT_PRESET
 
 __all__ = ["DEMO_IMAGES", "DEMO_MAX_ITER", "DEMO_SCALE", "build_parser", "main"]
@@ -68,17 +73,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # --------------------------------------------------------------------------- parser
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
-
-
 def _preset_names() -> list[str]:
     from dynaguide.config import presets
 
@@ -97,77 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dynaguide {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    seg = sub.add_parser(
-        "segment",
-        help="segment an image or a folder of images",
-        description="Segment IN (an image file or a folder of images) and write, per image, "
-        "<stem>.labels.png (16-bit labels), <stem>.overlay.png and <stem>.json into OUT. "
-        "Images that cannot be read or segmented are reported and skipped. OUT may not be "
-        "IN or inside it; files dynaguide did not write are never overwritten, and the files "
-        "it wrote (OUT/.dynaguide/manifest.jsonl) are never read as inputs. Exit code 0 if "
-        "every image succeeded, 1 if some failed (or OUT filled up), 2 on usage errors.",
-    )
-    seg.add_argument("input", metavar="IN", type=Path, help="image file or folder of images")
-    seg.add_argument("output", metavar="OUT", type=Path, help="output folder (created)")
-    seg.add_argument(
-        "--preset", default=DEFAULT_PRESET, choices=_preset_names(), help="(default %(default)s)"
-    )
-    seg.add_argument(
-        "--guidance",
-        default="default",
-        help="guide name, 'none', or 'default' (the preset's own); see `dynaguide env`",
-    )
-    seg.add_argument(
-        "--guide-option",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="option for the guide's factory (VALUE parsed as JSON when it is JSON); repeatable",
-    )
-    seg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    seg.add_argument("--max-iter", type=_positive_int, default=None, help="iteration budget")
-    seg.add_argument(
-        "--scale", type=_scale, default=None, help="refine at this fraction of the size"
-    )
-    seg.add_argument(
-        "--max-pixels",
-        type=_pixels,
-        default=None,
-        metavar="N|none",
-        help="refine images above N pixels at a reduced size ('none': full size, which may "
-        "not fit in memory); default: the preset's",
-    )
-    seg.add_argument(
-        "--work-pixels",
-        type=_pixels,
-        default=None,
-        metavar="N",
-        help="train the network at about N pixels and carry the result to full size",
-    )
-    seg.add_argument(
-        "--time-budget",
-        type=_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="stop each image's refinement after this wall-clock time",
-    )
-    seg.add_argument("--seed", type=int, default=0, help="network initialisation seed")
-    seg.add_argument("--recursive", action="store_true", help="also read sub-folders of IN")
-    seg.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the output sets of an earlier run that are complete and were made with the "
-        "same settings and version (each is verified); redo the others",
-    )
-    seg.add_argument("--quiet", action="store_true", help="no progress bar")
-    ray = seg.add_argument_group("Ray cluster (pip install 'dynaguide[ray]')")
-    ray.add_argument("--ray", action="store_true", help="segment on Ray; IN/OUT may be URIs")
-    ray.add_argument("--address", help="cluster address, e.g. auto (default: a local cluster)")
-    ray.add_argument("--num-workers", type=_positive_int, help="workers (default: all CPUs/GPUs)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0, help="(default %(default)s)")
-    ray.add_argument("--output-format", choices=("files", "parquet"), default="files")
-    seg.set_defaults(func=_cmd_segment, _parser=seg)
+    add_segment_parser(sub, DEFAULT_PRESET, _preset_names())
 
     demo = sub.add_parser(
         "demo",
@@ -184,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-iter", type=_positive_int, default=DEMO_MAX_ITER, help="(default: the preset's)"
     )
     demo.add_argument("--scale", type=_scale, default=DEMO_SCALE, help="(default: full size)")
-    demo.add_argument("--device", default="cpu", help="(default %(default)s)")
+    demo.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda[:N] or mps (default %(default)s)"
+    )
     demo.set_defaults(func=_cmd_demo, _parser=demo)
 
-    env = sub.add_parser("env", help="show available backends and devices")
+    env = sub.add_parser("env", help="show available backends, devices and ONNX Runtime providers")
     env.set_defaults(func=_cmd_env, _parser=env)
 
     for module_name in OPTIONAL_SUBCOMMANDS:
@@ -244,99 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- segment
 
 
-def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        parser.error(f"invalid --device {device!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error(
-            f"--device {device!r}: CUDA is not available in this torch ({torch.__version__})"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        parser.error(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
-
-
-def _resolve_guidance(parser: argparse.ArgumentParser, text: str) -> str | None:
-    key = text.strip().lower()
-    if key == "default":
-        return "default"
-    if key == "none":
-        return None
-    from dynaguide.guidance import available_guides
-
-    guides = available_guides()
-    if key not in guides:
-        parser.error(
-            f"unknown --guidance {text!r}; choose 'default', 'none' or one of: {', '.join(guides)}"
-        )
-    return key
-
-
-def _check_paths(parser: argparse.ArgumentParser, source: Path, out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        parser.error(f"OUT {str(out)!r} exists and is not a folder")
-    if not os.path.lexists(source):
-        parser.error(f"IN {str(source)!r} does not exist")
-    try:
-        source.stat()
-    except OSError as exc:  # a broken link, a link loop, no permission
-        parser.error(f"IN {str(source)!r} cannot be opened: {exc.strerror or exc}")
-
-
-def _segment_kwargs(args: argparse.Namespace, guidance: Any) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "preset": args.preset,
-        "guidance": guidance,
-        "device": args.device,
-        "seed": args.seed,
-        "max_iter": args.max_iter,
-        "scale": args.scale,
-    }
-    if args.guide_option:
-        kwargs["guidance_options"] = dict(args.guide_option)
-    for field in ("max_pixels", "work_pixels", "time_budget"):
-        value = getattr(args, field, None)
-        if value is not None:
-            kwargs[field] = None if value == "none" else value
-    return kwargs
-
-
-def _run_settings(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Everything that decides an image's results (its fingerprint goes into each JSON)."""
-    from dynaguide.api import build_config
-
-    config = build_config(args.preset, max_iter=args.max_iter)
-    return {"segment": kwargs, "config": config.to_dict()}
-
-
-def _cmd_segment(args: argparse.Namespace) -> int:
-    from dynaguide.output_sets import plan_outputs, prepare_output_folders, settings_fingerprint
-    from dynaguide.segment_run import SegmentRun
-
-    parser = args._parser
-    if args.ray:
-        from dynaguide.distributed.cli import run_segment
-
-        return run_segment(args)
-    _check_device(parser, args.device)
-    guidance = _resolve_guidance(parser, args.guidance)
-    _check_paths(parser, args.input, args.output)
-    kwargs = _segment_kwargs(args, guidance)
-    try:
-        plan = plan_outputs(args.input, args.output, recursive=args.recursive)
-        settings = _run_settings(args, kwargs)
-        locks = prepare_output_folders(plan)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        parser.error(str(exc).strip("'\""))
-    run = SegmentRun(settings_fingerprint(settings), settings, kwargs, locks)
-    try:
-        return run.all(plan, resume=args.resume, quiet=args.quiet, out=args.output)
-    finally:
-        for lock in locks.values():
-            lock.close()
+#: Kept for the modules that call them through ``dynaguide.cli``.
+_check_device = check_device
+_resolve_guidance = resolve_guidance_name
+_segment_kwargs = segment_kwargs
 
 
 # --------------------------------------------------------------------------- demo
@@ -430,6 +267,13 @@ def _cmd_env(args: argparse.Namespace) -> int:
             f"backend {k}" if k in ("torch", "triton", "native") else k: v
             for k, v in env_report().items()
         }
+    )
+    from dynaguide.devices import onnx_providers, resolve_device
+
+    rows["device auto"] = str(resolve_device("auto"))
+    providers = onnx_providers()
+    rows["onnxruntime providers"] = (
+        ", ".join(providers) if isinstance(providers, list) else providers
     )
     try:
         from dynaguide.guidance import available_guides

@@ -50,3 +50,13 @@ def pixels(text: str) -> int | str:
     if value < 4:
         raise argparse.ArgumentTypeError(f"expected a pixel count >= 4 or 'none', got {text!r}")
     return value
+
+
+def plain_text(doc: str) -> str:
+    """A reST docstring as plain text for ``--help``: ``literal`` and :role:`target`
+    markup reduced to the text itself, a leading title line's markup included."""
+    import re
+
+    text = re.sub(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", doc)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"(?<!`)`([^`]+)`(?!`)", r"\1", text).strip("\n")

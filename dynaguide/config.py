@@ -1,11 +1,14 @@
 """Refinement configuration and the named presets.
 
 A :class:`RefineConfig` is a frozen dataclass holding every knob of the per-image
-optimisation (SPEC §1-§3). Presets are built fresh on every call, so a caller can never
-mutate a shared instance (one of the authors' code's bugs, SPEC §7.17). Derive variants
+optimisation of DFC (Kim, Kanezaki and Tanaka, IEEE TIP 2020), DynaSeg (Guermazi,
+Ksantini and Khan, IVC 2024, arXiv 2405.05477) and DynaGuide (the same authors, IVC 2025,
+arXiv 2602.13020). Presets are built fresh on every call, so a caller can never mutate a
+shared instance (the authors' code mutates a module-level config). Derive variants
 with :func:`dataclasses.replace` or :meth:`RefineConfig.replace`.
 
-The default presets carry the semantics SPEC recommends; the ``*-reference`` presets
+The default presets carry the semantics dynaguide recommends (overlap alignment of the
+guide, a convergence stop, the silhouette phase as described); the ``*-reference`` presets
 reproduce the authors' released code where it differs (shared-conv skip with
 ``n_conv=3``, sorted-id modulo guide mapping, final pass with BN in eval mode, no
 stopping rule except the code's own, no silhouette phase).
@@ -35,7 +38,7 @@ MergeWeight = Literal["colour", "boundary"]
 class RefineConfig:
     """Every setting of one per-image refinement.
 
-    Network (SPEC §1.1, §3.1)
+    Network (DFC; DynaGuide's skip branch)
         ``n_channels`` response channels q (= p); ``n_conv`` 3x3 conv blocks
         (conv -> ReLU -> BN); ``skip``: ``"none"`` (DFC), ``"separate"`` (an extra 3->q
         3x3 conv added before the 1x1 classifier: the paper's 106.4K parameters at
@@ -56,13 +59,13 @@ class RefineConfig:
         convergence: stop when the fraction of pixels whose label changed over the last
         ``convergence_window`` iterations is below ``convergence_tol`` (0 disables).
         ``check_every`` iterations between host checks on CUDA (CPU checks every one).
-    Silhouette phase (SPEC §2.3)
+    Silhouette phase (DynaSeg's silhouette-score phase)
         ``silhouette``: ``"off"``, ``"ssp"`` (recommended semantics: opt_nC from k-means +
         silhouette on a seeded sample of ``silhouette_samples`` pixels of
         ``silhouette_features``, k in ``silhouette_k``; K_eff = max(K, opt_nC) in the
         weight; with ``silhouette_stop`` stop when K < opt_nC instead of K <= min_labels)
         or ``"reference"`` (K_eff in the weight only).
-    Guidance (SPEC §3.3)
+    Guidance (how DynaGuide's pseudo-labels reach the CNN's channels)
         ``alignment``: ``"overlap"`` (Hungarian on the overlap matrix, recomputed when the
         set of live CNN labels changes), ``"reference"`` (sorted-id modulo every
         iteration) or ``"vote"`` (the guide's regions as superpixels: each pixel's target
@@ -362,7 +365,8 @@ def _build_presets() -> dict[str, RefineConfig]:
         merge_threshold=10.0,
     )
     presets = {p.name: p for p in (regions, fast, dfc, scf, fsf, dyn)}
-    # The authors' released code, where it differs (SPEC §1.4, §2.1, §3.1-§3.5).
+    # The authors' released code, where it differs: no convergence stop, no silhouette phase
+    # in DynaSeg's BSDS path, and DynaGuide's shared-conv skip, modulo mapping and eval pass.
     presets["dfc-reference"] = dataclasses.replace(dfc, name="dfc-reference", convergence_tol=0.0)
     presets["dynaseg-scf-reference"] = dataclasses.replace(
         scf, name="dynaseg-scf-reference", convergence_tol=0.0, silhouette="off"

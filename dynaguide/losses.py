@@ -6,7 +6,7 @@ All of them accept a response map of shape ``(C, H, W)`` (one image) or
 ``(N, C, H, W)`` (N independent images) and keep everything on the tensor's device:
 no host synchronisation happens inside them.
 
-Semantics (SPEC §1.3, §3.2):
+Semantics (DFC's similarity and continuity losses, DynaGuide's Huber continuity):
 
 * similarity: softmax cross-entropy of every pixel's C-vector against its own argmax
   (labels carry no gradient), averaged over the H*W pixels of each image.

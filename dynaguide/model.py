@@ -1,4 +1,5 @@
-"""The per-image CNN (SPEC §1.1, §3.1).
+"""The per-image CNN of DFC (Kim, Kanezaki and Tanaka, IEEE TIP 2020) and DynaGuide
+(Guermazi, Ksantini and Khan, IVC 2025, arXiv 2602.13020).
 
 ``conv3x3 -> ReLU -> BN`` blocks, an optional skip branch, then a ``1x1 conv -> BN``
 classifier whose output is the response map. The network never pools or strides, so

@@ -1,7 +1,8 @@
 """The data-safety rules of ``dynaguide segment IN OUT``: one output set per input.
 
-An *output set* is the three files written for one input image:
-``<stem>.labels.png``, ``<stem>.overlay.png`` and ``<stem>.json`` (written last). The
+An *output set* is the files written for one input image: those of the chosen formats
+(:mod:`dynaguide.result_files`; by default ``<stem>.labels.png`` and
+``<stem>.overlay.png``) and ``<stem>.json`` (written last). The
 rules, each enforced here before any refinement starts or before a file is written:
 
 * OUT must not be IN, nor lie inside a folder IN, and no planned output may be an input;
@@ -14,7 +15,7 @@ rules, each enforced here before any refinement starts or before a file is writt
 * every output folder is created and probed for writing, and the temporary files of killed
   runs are removed, before the first image;
 * the JSON of a set records the settings fingerprint, the dynaguide version, the input's
-  size and modification time and the size and SHA-256 of the two PNGs: ``--resume``
+  size and modification time and the size and SHA-256 of the other files: ``--resume``
   accepts a set only when all of these match (:func:`verify_output_set`) and redoes it
   otherwise.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 from dynaguide.errors import OutputSafetyError
 from dynaguide.manifest import OutputLocks, read_manifest, record_written, written_by_dynaguide
+from dynaguide.result_files import DEFAULT_FORMATS
 from dynaguide.segmentation import Segmentation, check_stem
 from dynaguide.writing import _temp_name, remove_stale_temporaries, to_jsonable, write_atomic
 
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 _MAX_JSON_BYTES = 64 * 2**20
-_STEM_BYTES = 200  # leaves room for ".overlay.png" and a hash suffix under NAME_MAX
+_STEM_BYTES = 200  # leaves room for ".segments.json" and a hash suffix under NAME_MAX
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,12 @@ class PlannedImage:
     source: Path
     folder: Path
     stem: str
+    formats: tuple[str, ...] = DEFAULT_FORMATS
 
     @property
     def outputs(self) -> dict[str, Path]:
-        """``{"labels", "overlay", "json"}`` paths of the set."""
-        return Segmentation.output_paths(self.folder, self.stem)
+        """``{format: path, ..., "json": path}`` of the set."""
+        return Segmentation.output_paths(self.folder, self.stem, self.formats)
 
 
 def _real(path: Path) -> Path:
@@ -97,8 +100,15 @@ def _stems(paths: list[Path], extensions: tuple[str, ...]) -> dict[Path, str]:
     return {p: _bounded(stem) for p, stem in chosen.items()}
 
 
-def plan_outputs(source: Path, out: Path, *, recursive: bool) -> list[PlannedImage]:
-    """The output set of every input under ``source`` (a file or a folder), in ``out``.
+def plan_outputs(
+    source: Path | list[Path],
+    out: Path,
+    *,
+    recursive: bool,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+) -> list[PlannedImage]:
+    """The output set of every input under ``source`` (a file, a folder, or a list of
+    files that all write into ``out``), in ``out``.
 
     Raises
     ------
@@ -109,8 +119,11 @@ def plan_outputs(source: Path, out: Path, *, recursive: bool) -> list[PlannedIma
     """
     from dynaguide.io import IMAGE_EXTENSIONS, list_images
 
-    src_real, out_real = _real(source), _real(out)
-    if source.is_dir():
+    if isinstance(source, list):
+        paths = list(source)
+        by_folder: dict[Path, list[Path]] = {out: paths}
+    elif source.is_dir():
+        src_real, out_real = _real(source), _real(out)
         if out_real == src_real:
             raise ValueError(
                 f"OUT {str(out)!r} is the input folder IN: outputs would be written among the "
@@ -122,14 +135,14 @@ def plan_outputs(source: Path, out: Path, *, recursive: bool) -> list[PlannedIma
                 "OUT outside IN"
             )
         paths = list_images(source, recursive=recursive)
-        by_folder: dict[Path, list[Path]] = defaultdict(list)
+        by_folder = defaultdict(list)
         for p in paths:
             by_folder[out / p.relative_to(source).parent].append(p)
     else:
         paths = [source]
         by_folder = {out: [source]}
     plan = [
-        PlannedImage(p, folder, stem)
+        PlannedImage(p, folder, stem, formats)
         for folder, group in by_folder.items()
         for p, stem in _stems(group, IMAGE_EXTENSIONS).items()
     ]
@@ -224,9 +237,9 @@ def write_output_set(
             "write; move it away or choose another OUT"
         )
     paths = item.outputs
-    data = seg.output_bytes()
+    data = seg.output_bytes(formats=item.formats)
     files = {}
-    for key in ("labels", "overlay"):
+    for key in item.formats:
         record_written(paths[key], data[key])
         write_atomic(paths[key], data[key])
         files[key] = {
@@ -283,7 +296,9 @@ def verify_output_set(item: PlannedImage, *, fingerprint: str, version: str) -> 
     files = run.get("files")
     if not isinstance(files, dict):
         return f"{jpath.name} lists no files"
-    for key in ("labels", "overlay"):
+    if set(files) != set(item.formats):
+        return "made with other --format choices"
+    for key in item.formats:
         rec = files.get(key)
         path = paths[key]
         if not isinstance(rec, dict) or rec.get("name") != path.name:

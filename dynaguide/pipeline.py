@@ -35,9 +35,8 @@ from dynaguide.native import relabel_sequential
 from dynaguide.postprocess import postprocess
 from dynaguide.refine import RefineResult, image_tensor
 from dynaguide.segmentation import Segmentation
+from dynaguide.settings import DEFAULT
 
-#: ``guidance="default"``: the preset's own guide.
-DEFAULT = "default"
 #: Output pixels per band of the bilinear upsampling (bounds its memory).
 _BAND_PIXELS = 1 << 20
 

@@ -1,4 +1,5 @@
-"""The per-image optimisation loop (SPEC §1.4, §2, §3.5).
+"""The per-image optimisation loop of DFC (Kim, Kanezaki and Tanaka, IEEE TIP 2020),
+DynaSeg (IVC 2024) and DynaGuide (IVC 2025).
 
 One iteration: forward the image through a fresh network, take the argmax labels and
 their count K, form ``sim + w(K) * continuity (+ guidance)``, back-propagate, SGD step.

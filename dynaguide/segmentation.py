@@ -20,68 +20,12 @@ from typing import Any
 import numpy as np
 
 from dynaguide.io import IMAGE_EXTENSIONS, to_jsonable
-from dynaguide.writing import (
-    encode_label_png,
-    encode_rgb_png,
-    json_bytes,
-    save_json,
-    save_label_png,
-    save_rgb_png,
-)
+from dynaguide.palette import label_colors
+from dynaguide.result_files import format_bytes
+from dynaguide.result_files import output_paths as _output_paths
+from dynaguide.writing import json_bytes, write_atomic
 
 __all__ = ["Segmentation", "label_colors"]
-
-_GOLDEN = 0.618033988749895
-_SATURATION = np.array([0.85, 0.55], dtype=np.float64)
-_VALUE = np.array([0.95, 0.78, 0.62], dtype=np.float64)
-
-
-def label_colors(n: int) -> np.ndarray:
-    """A deterministic palette of ``n`` distinct RGB colours.
-
-    Colour ``k`` has hue ``(k * 0.618...) mod 1`` (golden-ratio steps: neighbouring ids
-    get far-apart hues) with saturation and value cycling through small fixed sets.
-    The palette depends only on ``n`` (no random state), so label ``k`` has the same
-    colour in every overlay.
-
-    Parameters
-    ----------
-    n : int
-        Number of colours (>= 0).
-
-    Returns
-    -------
-    numpy.ndarray
-        (n, 3) ``uint8``.
-
-    Examples
-    --------
-    >>> label_colors(3).shape
-    (3, 3)
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    k = np.arange(int(n), dtype=np.float64)
-    h = (k * _GOLDEN) % 1.0
-    s = _SATURATION[np.arange(int(n)) % len(_SATURATION)]
-    v = _VALUE[np.arange(int(n)) % len(_VALUE)]
-    # HSV -> RGB, vectorised (the standard sector formula)
-    i = np.floor(h * 6.0).astype(np.int64) % 6
-    f = h * 6.0 - np.floor(h * 6.0)
-    p, q, t = v * (1.0 - s), v * (1.0 - f * s), v * (1.0 - (1.0 - f) * s)
-    table = np.stack(
-        [
-            np.stack([v, t, p], 1),
-            np.stack([q, v, p], 1),
-            np.stack([p, v, t], 1),
-            np.stack([p, q, v], 1),
-            np.stack([t, p, v], 1),
-            np.stack([v, p, q], 1),
-        ],
-        0,
-    )  # (6, n, 3)
-    rgb = table[i, np.arange(int(n))] if n else np.zeros((0, 3))
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
 def _is_int(value: Any) -> bool:
@@ -106,8 +50,8 @@ class Segmentation:
     Attributes
     ----------
     labels : numpy.ndarray
-        (H, W) ``int32`` label map, values in ``0 .. n_labels - 1`` (other integer
-        dtypes are converted to ``int32``).
+        (H, W) ``int32`` label map, values in ``start_label .. start_label + n_labels - 1``
+        (other integer dtypes are converted to ``int32``).
     n_labels : int
         Number of labels K.
     n_iter : int
@@ -129,7 +73,16 @@ class Segmentation:
     device : str
         Device the refinement ran on.
     extra : dict
-        Further JSON-able details (guide name, refinement size, seed, ...).
+        Further JSON-able details (guide name, refinement size, seed, the settings
+        record of :func:`dynaguide.settings.settings_record`, ...).
+    start_label : int
+        The first label value (0 or 1, as ``start_label`` of
+        ``skimage.segmentation.relabel_sequential``). ``skimage.measure.regionprops``
+        treats label 0 as background and skips it, so pass labels made with
+        ``start_label=1`` to give every segment a region.
+    labels_tensor : torch.Tensor or None
+        With ``return_tensors=True``: the labels as an (H, W) ``int64`` tensor on the
+        refinement device (not saved, not in :meth:`to_dict`).
 
     Raises
     ------
@@ -150,6 +103,8 @@ class Segmentation:
     name: str | None = None
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    start_label: int = 0
+    labels_tensor: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Validate every field (messages name the field and the input)."""
@@ -162,13 +117,16 @@ class Segmentation:
         if not _is_int(self.n_labels) or self.n_labels < 1:
             raise ValueError(f"{who}: n_labels must be an int >= 1, got {self.n_labels!r}")
         self.n_labels = int(self.n_labels)
+        if not _is_int(self.start_label) or self.start_label not in (0, 1):
+            raise ValueError(f"{who}: start_label must be 0 or 1, got {self.start_label!r}")
+        self.start_label = first = int(self.start_label)
         if labels.size == 0:
             raise ValueError(f"{who}: labels of shape {labels.shape} are empty")
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.n_labels:
+        if lo < first or hi >= first + self.n_labels:
             raise ValueError(
-                f"{who}: labels must lie in [0, n_labels - 1] = [0, {self.n_labels - 1}], "
-                f"found range [{lo}, {hi}]"
+                f"{who}: labels must lie in [start_label, start_label + n_labels - 1] = "
+                f"[{first}, {first + self.n_labels - 1}], found range [{lo}, {hi}]"
             )
         if labels.dtype != np.int32:
             self.labels = labels.astype(np.int32)
@@ -253,7 +211,7 @@ class Segmentation:
             raise ValueError(f"boundary_color must be three ints in 0..255, got {boundary_color!r}")
         if color.min() < 0 or color.max() > 255:
             raise ValueError(f"boundary_color must be three ints in 0..255, got {boundary_color!r}")
-        tint = label_colors(self.n_labels)[self.labels]
+        tint = label_colors(self.n_labels)[self.labels - self.start_label]
         a = float(alpha)
         out = self.image.astype(np.float32) * (1.0 - a) + tint.astype(np.float32) * a
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -269,7 +227,7 @@ class Segmentation:
         Keys: ``name``, ``image_shape``, ``n_labels``, ``n_iter``, ``seconds``,
         ``stop_reason``, ``device``, ``guided`` (whether guide labels were used),
         ``history``, ``config`` (the config's ``to_dict()`` /
-        :func:`dataclasses.asdict`), ``extra``, ``dynaguide_version``.
+        :func:`dataclasses.asdict`), ``extra``, ``start_label``, ``dynaguide_version``.
         """
         config = self.config
         if hasattr(config, "to_dict") and callable(config.to_dict):
@@ -293,6 +251,7 @@ class Segmentation:
                 "history": self.history,
                 "config": config_d,
                 "extra": self.extra,
+                "start_label": self.start_label,
                 "dynaguide_version": _version(),
             },
             where="Segmentation.to_dict()",
@@ -310,16 +269,15 @@ class Segmentation:
         return root if ext.lower() in IMAGE_EXTENSIONS and root else base
 
     def save(
-        self, out_dir: str | os.PathLike[str], stem: str | None = None, *, alpha: float = 0.5
+        self,
+        out_dir: str | os.PathLike[str],
+        stem: str | None = None,
+        *,
+        alpha: float = 0.5,
+        formats: Any = None,
     ) -> dict[str, Path]:
-        """Write the label map, the overlay and the JSON summary, each atomically.
-
-        Files, in this order (the JSON last, so its presence marks a complete result):
-
-        - ``<stem>.labels.png``: 16-bit grayscale PNG of :attr:`labels`
-          (read it back with :func:`dynaguide.io.read_label_png`);
-        - ``<stem>.overlay.png``: :meth:`overlay` with ``alpha``;
-        - ``<stem>.json``: :meth:`to_dict`.
+        """Write the chosen formats and the JSON summary, each atomically, the JSON last
+        (its presence marks a complete result).
 
         Parameters
         ----------
@@ -329,53 +287,58 @@ class Segmentation:
             File name stem (no folder separators); default :meth:`default_stem`.
         alpha : float
             Overlay tint weight.
+        formats : iterable of str or a comma-separated str, optional
+            Any of ``labels`` (``<stem>.labels.png``, 16-bit; read it back with
+            :func:`dynaguide.io.read_label_png`), ``palette`` (``<stem>.palette.png``),
+            ``overlay`` (``<stem>.overlay.png``) and ``segments``
+            (``<stem>.segments.json``, COCO RLE records); default ``labels`` and
+            ``overlay`` (see :mod:`dynaguide.result_files`). ``<stem>.json``
+            (:meth:`to_dict`) is always written; :func:`dynaguide.load_segmentation`
+            reads the result back.
 
         Returns
         -------
         dict
-            ``{"labels": Path, "overlay": Path, "json": Path}``.
+            ``{format: Path, ..., "json": Path}``.
         """
         stem = self.default_stem() if stem is None else stem
         check_stem(stem)
         folder = Path(out_dir)
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"{folder}: output path exists and is not a folder")
-        paths = self.output_paths(folder, stem)
-        save_label_png(paths["labels"], self.labels)
-        save_rgb_png(paths["overlay"], self.overlay(alpha))
-        save_json(paths["json"], self.to_dict())
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = self.output_paths(folder, stem, formats)
+        for key, data in self.output_bytes(alpha, formats=formats).items():
+            write_atomic(paths[key], data)
         return paths
 
     def output_bytes(
-        self, alpha: float = 0.5, *, extra_json: dict[str, Any] | None = None
+        self,
+        alpha: float = 0.5,
+        *,
+        extra_json: dict[str, Any] | None = None,
+        formats: Any = None,
     ) -> dict[str, bytes]:
         """The contents :meth:`save` writes, in writing order (the JSON last).
 
         Returns
         -------
         dict
-            ``{"labels": PNG bytes, "overlay": PNG bytes, "json": UTF-8 JSON bytes}``;
-            ``extra_json`` is merged into the top level of :meth:`to_dict`.
+            ``{format: bytes, ..., "json": UTF-8 JSON bytes}``; ``extra_json`` is merged
+            into the top level of :meth:`to_dict`, which also lists the formats written.
         """
-        who = self.name or "segmentation"
-        labels = encode_label_png(self.labels, where=f"labels of {who}")
-        overlay = encode_rgb_png(self.overlay(alpha), where=f"overlay of {who}")
-        summary = {**self.to_dict(), **(extra_json or {})}
-        return {
-            "labels": labels,
-            "overlay": overlay,
-            "json": json_bytes(summary, where=f"summary of {who}"),
-        }
+        paths = _output_paths(".", "x", formats)
+        out = {key: format_bytes(self, key, alpha=alpha) for key in paths if key != "json"}
+        summary = {**self.to_dict(), "formats": list(out), **(extra_json or {})}
+        out["json"] = json_bytes(summary, where=f"summary of {self.name or 'segmentation'}")
+        return out
 
     @staticmethod
-    def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
+    def output_paths(
+        out_dir: str | os.PathLike[str], stem: str, formats: Any = None
+    ) -> dict[str, Path]:
         """The paths :meth:`save` writes for ``stem`` in ``out_dir`` (nothing is touched)."""
-        folder = Path(out_dir)
-        return {
-            "labels": folder / f"{stem}.labels.png",
-            "overlay": folder / f"{stem}.overlay.png",
-            "json": folder / f"{stem}.json",
-        }
+        return _output_paths(out_dir, stem, formats)
 
 
 def check_stem(stem: Any) -> str:
@@ -387,7 +350,7 @@ def check_stem(stem: Any) -> str:
         or "/" in stem
         or "\\" in stem
         or "\0" in stem
-        or len((stem + ".overlay.png").encode("utf-8", "surrogateescape")) > 255
+        or len((stem + ".segments.json").encode("utf-8", "surrogateescape")) > 255
     ):
         raise ValueError(
             f"stem must be a non-empty file name without separators whose outputs fit in 255 "

@@ -1,4 +1,6 @@
-"""The silhouette-score phase of DynaSeg (SPEC §2.3, "DynaSeg-SSP" semantics).
+"""The silhouette-score phase of DynaSeg (Guermazi, Ksantini and Khan, IVC 2024,
+arXiv 2405.05477), with the silhouette coefficient of Rousseeuw (J. Comput. Appl. Math.
+1987).
 
 ``optimal_clusters`` picks opt_nC once per image: k-means for every k in a range on a
 seeded random sample of per-pixel features, scored by the silhouette coefficient on the
@@ -45,7 +47,7 @@ def optimal_clusters(
     features : ndarray (n, d)
         Per-pixel features.
     k_range : (lo, hi)
-        Inclusive range of k to try (SPEC: 3..26).
+        Inclusive range of k to try (DynaSeg's code tries 3..26).
     samples : int
         Size of the seeded random sample used for both k-means and the silhouette
         (the silhouette is O(n^2)).

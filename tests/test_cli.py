@@ -19,7 +19,7 @@ from PIL import Image
 
 import dynaguide
 from dynaguide import cli
-from dynaguide.config import DEFAULT_PRESET
+from dynaguide.config import DEFAULT_PRESET, get_preset
 from dynaguide.io import read_label_png
 from dynaguide.segmentation import Segmentation
 
@@ -125,14 +125,14 @@ def test_segment_all_good_exit_0_and_options_forwarded(
     assert cli.main(argv) == 0
     assert "1 segmented, 0 skipped (resume), 0 failed" in capsys.readouterr().out
     (kwargs,) = calls
+    guide = kwargs.pop("guidance")  # resolved once for the run (no guide: nothing built)
+    assert (guide.guidance, guide.name) == (None, None)
     assert kwargs == {
         "preset": "dfc",
-        "guidance": None,
-        "device": "cpu",
+        "device": "auto",
         "seed": 3,
         "max_iter": 7,
         "scale": 0.5,
-        "guidance_options": {"k": 4, "path": "/x/y"},
         "name": str(img),
     }
     assert _outputs(out) == ["one.json", "one.labels.png", "one.overlay.png"]
@@ -143,13 +143,15 @@ def test_segment_default_guidance_and_named_guide(
 ) -> None:
     img = _write_image(tmp_path / "one.png")
     assert cli.main(["segment", str(img), str(tmp_path / "o1"), "--quiet"]) == 0
-    assert calls[-1]["guidance"] == "default"
+    default = calls[-1]["guidance"]  # the preset's guide with the preset's options
+    assert default.name == "felzenszwalb"
+    assert default.options == get_preset(DEFAULT_PRESET).default_guidance_options
     assert "guidance_options" not in calls[-1]
     assert calls[-1]["preset"] == DEFAULT_PRESET
     assert (
         cli.main(["segment", str(img), str(tmp_path / "o2"), "--guidance", "SLIC", "--quiet"]) == 0
     )
-    assert calls[-1]["guidance"] == "slic"
+    assert calls[-1]["guidance"].name == "slic"
 
 
 def test_resume_skips_complete_outputs(

@@ -11,6 +11,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +229,39 @@ def test_segment_end_to_end_with_onnx_guide(exported) -> None:
     seg = dynaguide.segment(img, guidance=guide, max_iter=3, scale=0.5, preset="dynaguide")
     assert seg.labels.shape == (40, 56)
     assert seg.guide_labels is not None and seg.guide_labels.shape == (40, 56)
+
+
+def test_a_named_guide_is_exported_once_per_batch_and_cli_run(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 images -> 1 ONNX export (before: one per image), in segment_batch and the CLI."""
+    import dynaguide
+    from dynaguide import cli
+    from dynaguide.guidance import segformer as module
+
+    exports: list[Path] = []
+    real = module.export_segformer
+
+    def counting(folder: Any, target: Any, **kwargs: Any) -> Any:
+        exports.append(Path(target))
+        return real(folder, target, **kwargs)
+
+    monkeypatch.setattr(module, "export_segformer", counting)
+    images = [_image(24, 32, seed=s) for s in range(3)]
+    options = {"checkpoint": str(checkpoint), "device": "cpu", "verify": False}
+    segs = dynaguide.segment_batch(
+        images, guidance="segformer", guidance_options=options, preset="dynaguide",
+        max_iter=2, device="cpu",
+    )  # fmt: skip
+    assert len(exports) == 1 and all(s.extra["guide"] == "segformer" for s in segs)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    argv = ["segment", str(folder), str(tmp_path / "out"), "--preset", "dynaguide", "--quiet"]
+    argv += ["--guidance", "segformer", "--max-iter", "2", "--device", "cpu"]
+    argv += [f"--guide-option=checkpoint={checkpoint}", "--guide-option=verify=false"]
+    assert cli.main(argv) == 0
+    assert len(exports) == 2  # one more for the whole CLI run

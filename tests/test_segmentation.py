@@ -195,6 +195,7 @@ def test_save_round_trip(tmp_path: Path) -> None:
         assert im.mode.startswith("I;16")
     np.testing.assert_array_equal(np.asarray(Image.open(paths["overlay"])), seg.overlay())
     data = json.loads(paths["json"].read_text())
+    assert data.pop("formats") == ["labels", "overlay"]  # what save() wrote
     assert data == json.loads(json.dumps(seg.to_dict()))
     assert data["guided"] is True and data["extra"] == {"seed": 3}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
@@ -203,10 +204,14 @@ def test_save_round_trip(tmp_path: Path) -> None:
 
 
 def test_save_writes_json_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(path: Any, obj: Any) -> None:
-        raise OSError("no space left")
+    real = segmod.write_atomic
 
-    monkeypatch.setattr(segmod, "save_json", fail)
+    def fail(path: Any, data: bytes) -> Any:
+        if str(path).endswith(".json"):
+            raise OSError("no space left")
+        return real(path, data)
+
+    monkeypatch.setattr(segmod, "write_atomic", fail)
     seg = _make()
     with pytest.raises(OSError, match="no space"):
         seg.save(tmp_path, "x")

@@ -34,13 +34,22 @@ def run_segment(args: argparse.Namespace) -> int:
     from dynaguide.distributed.runner import segment_dataset
 
     parser: argparse.ArgumentParser = args._parser
-    if args.device != "cpu":
+    if args.device not in ("cpu", "auto"):
         parser.error("--device does not apply with --ray; use --gpus-per-worker")
+    for flag, given in (
+        ("--threads", args.threads is not None),
+        ("--format/--no-overlay", args.formats is not None or args.no_overlay),
+        ("--paths-from", args.paths_from is not None),
+    ):
+        if given:
+            parser.error(f"{flag} does not apply with --ray")
     if args.gpus_per_worker < 0:
         parser.error(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     guidance = cli._resolve_guidance(parser, args.guidance)
     kwargs = cli._segment_kwargs(args, guidance)
     kwargs.pop("device")
+    if args.batch_size != 1:
+        kwargs["refine_batch_size"] = args.batch_size
     counts = {"done": 0, "skipped": 0, "error": 0}
 
     def progress(record: dict[str, Any]) -> None:

@@ -49,9 +49,10 @@ def segment_record(seg: Any, image_id: str, load_s: float, worker: str) -> dict[
     from dynaguide.segmentation import _version
 
     h, w = seg.shape
+    first = int(getattr(seg, "start_label", 0))  # labels run first .. first + K - 1
     segments = [
-        {"label": r["label"], "area": r["area"], "counts": r["counts"]}
-        for r in labels_to_rles(seg.labels, seg.n_labels)
+        {"label": r["label"] + first, "area": r["area"], "counts": r["counts"]}
+        for r in labels_to_rles(seg.labels - first, seg.n_labels)
     ]
     config_name = getattr(seg.config, "name", None)
     return {

@@ -125,6 +125,7 @@ def _check_settings(
         "seed": options.get("seed", 0),
         "scale": options.get("scale"),
         "amp": bool(options.get("amp", False)),
+        "start_label": int(options.get("start_label", 0)),
     }
 
 
@@ -242,6 +243,10 @@ def segment_dataset(
         raise ValueError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}")
     if not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if "seed" in segment_options:  # a Generator is drawn from once, here, for every worker
+        from dynaguide.settings import as_seed
+
+        segment_options["seed"] = as_seed(segment_options["seed"])
     options = {"preset": preset, **segment_options}
     settings = _check_settings(preset, guidance, segment_options)
     settings["output_format"] = output_format

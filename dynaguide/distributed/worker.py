@@ -114,7 +114,7 @@ class SegmentWorker:
 
         from dynaguide.api import DEFAULT, build_config
         from dynaguide.batch import _SEGMENT_ARGS
-        from dynaguide.guidance import get_guide
+        from dynaguide.settings import as_seed, resolve_guidance
 
         torch.set_num_threads(max(1, int(threads)))
         self.store = store
@@ -133,13 +133,10 @@ class SegmentWorker:
         config = build_config(
             kwargs.get("preset", DEFAULT_PRESET), max_iter=kwargs.get("max_iter"), **overrides
         )
-        if isinstance(guidance, str) and guidance == DEFAULT:
-            guidance = config.default_guidance
-        if isinstance(guidance, str) and guidance.lower() != "none":
-            guidance = get_guide(guidance, **options)  # built once per worker
-        elif isinstance(guidance, str):
-            guidance = None
-        self.guidance = guidance
+        # built once per worker, with the preset's options for its default guide and the
+        # run's seed for a guide that takes one (as dynaguide.segment builds it)
+        kwargs["seed"] = as_seed(kwargs.get("seed", 0))
+        self.guidance = resolve_guidance(guidance, options or None, config, kwargs["seed"])
         self.kwargs = kwargs
 
     # ------------------------------------------------------------------ one batch

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaguide.cli_types import fraction as _scale
+from dynaguide.cli_types import plain_text
 from dynaguide.cli_types import positive_int as _positive_int
 from dynaguide.config import DEFAULT_PRESET
 
@@ -33,7 +34,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
         help="segment a dataset and score it (BSDS500 All/Fine/Coarse, VOC-style folders)",
-        description=__doc__,
+        description=plain_text(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

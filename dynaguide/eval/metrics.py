@@ -1,13 +1,14 @@
-"""Segmentation quality metrics, each named after the protocol it implements (SPEC §6).
+"""Segmentation quality metrics, each named after the protocol it implements .
 
-Segment-best-IoU (BSDS500 and PASCAL VOC, SPEC §6.1 / §6.2)
+Segment-best-IoU (BSDS500 and PASCAL VOC, as DFC and DynaSeg report it)
     For every ground-truth segment S, ``best(S) = max_t |S ∩ P_t| / |S ∪ P_t|`` where
     ``P_t`` is the *whole* predicted region with label t (many-to-one: one predicted
     region may be the best match of several GT segments). All ``best(S)`` values of all
     images go into ONE global list; the score is its mean (so images with more segments
     or more annotators weigh more). :func:`bsds_scores`, :func:`voc_scores`.
 
-Cluster/class Hungarian matching (COCO-Stuff-27, SPEC §6.3, §5.4)
+Cluster/class Hungarian matching (COCO-Stuff-27: PiCIE, CVPR 2021; STEGO, ICLR 2022;
+DiffSeg, CVPR 2024)
     :func:`coco_scores`: one confusion matrix over the whole dataset, ONE Hungarian
     assignment (PiCIE / STEGO / SmooSeg protocol). :func:`coco_scores_per_image_matching`:
     a Hungarian assignment per image with TP/FP/FN summed over the dataset (DiffSeg
@@ -124,7 +125,7 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def relabel_connected_components(labels: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
     """Split every label into its connected components (DFC's scoring preprocessing).
 
-    Kanezaki's published DFC numbers (SPEC §1.8) relabel each predicted map so that
+    Kanezaki's published DFC numbers (her answer in the DFC repository's issue #6) relabel each predicted map so that
     label regions that are not connected become separate segments. Uses
     :func:`dynaguide.connected_components` (native extension when built, else
     scikit-image); it agrees with ``scipy.ndimage.label`` applied per label value.
@@ -198,7 +199,7 @@ def segment_best_iou(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best IoU of every ground-truth segment against the whole predicted regions.
 
-    ``best(S) = max_t |S ∩ P_t| / (|S| + |P_t| - |S ∩ P_t|)`` (SPEC §6.1), many-to-one.
+    ``best(S) = max_t |S ∩ P_t| / (|S| + |P_t| - |S ∩ P_t|)``, many-to-one.
 
     Parameters
     ----------
@@ -330,7 +331,7 @@ def bsds_image_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """BSDS500 segment-best-IoU of ONE image (SPEC §6.1), for per-image breakdowns.
+    """BSDS500 segment-best-IoU of ONE image, for per-image breakdowns.
 
     Dataset scores must not average these means (the protocol averages one global
     list of segments); use :func:`bsds_scores`, or sum ``sums`` and ``counts`` over
@@ -343,7 +344,7 @@ def bsds_image_scores(
         The human segmentations of the image (BSDS: 4-9 per image).
     connected_components : bool
         Relabel the prediction into connected components first (DFC's published
-        protocol, SPEC §1.8).
+        protocol).
     connectivity : {4, 8}
     resize : bool
         Nearest-neighbour resize the prediction to the annotation size if they differ
@@ -378,7 +379,7 @@ def bsds_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """BSDS500 All / Fine / Coarse / Mean segment-best-IoU over a dataset (SPEC §6.1).
+    """BSDS500 All / Fine / Coarse / Mean segment-best-IoU over a dataset.
 
     The protocol of Kanezaki's ``miou_calculation.py`` / DynaSeg's ``calculate_mIOU.py``:
 
@@ -456,7 +457,7 @@ def voc_image_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """PASCAL VOC segment-best-IoU of one image (SPEC §6.2); see :func:`voc_scores`.
+    """PASCAL VOC segment-best-IoU of one image; see :func:`voc_scores`.
 
     Returns
     -------
@@ -495,7 +496,7 @@ def voc_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """PASCAL VOC 2012 segment-best-IoU (SPEC §6.2), one global list like BSDS.
+    """PASCAL VOC 2012 segment-best-IoU, one global list like BSDS.
 
     Each distinct mask value is one GT segment (object categories are otherwise
     ignored); every best IoU of every image goes into one list whose mean is the score.
@@ -674,7 +675,7 @@ def coco_scores(
     n_clusters: int | None = None,
     ignore_index: int | None = 255,
 ) -> dict[str, Any]:
-    """COCO-Stuff-27 protocol of PiCIE / STEGO / SmooSeg (SPEC §6.3): ONE matching.
+    """COCO-Stuff-27 protocol of PiCIE / STEGO / SmooSeg: ONE matching.
 
     1. One confusion matrix over the whole dataset (cluster ids are taken as given, so
        they must mean the same thing in every image, e.g. a global cluster probe).
@@ -741,7 +742,7 @@ def coco_scores_per_image_matching(
     n_classes: int = 27,
     ignore_index: int | None = 255,
 ) -> dict[str, Any]:
-    """DiffSeg's COCO-Stuff-27 protocol (SPEC §5.4): a Hungarian matching PER IMAGE.
+    """DiffSeg's COCO-Stuff-27 protocol (Tian et al., CVPR 2024): a Hungarian matching PER IMAGE.
 
     For each image, the ``n_classes x max(n_classes, max_id + 1)`` confusion matrix is
     matched one-to-one (maximising matched pixels; cluster ids used as given, as in

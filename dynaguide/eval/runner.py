@@ -41,11 +41,11 @@ CACHE_FORMAT = 1
 _SCORE_DOC = {
     "raw": "prediction scored as returned by dynaguide.segment",
     "cc": "prediction relabelled into {c}-connected components before scoring "
-    "(the preprocessing behind DFC's published numbers, SPEC §1.8)",
+    "(the preprocessing behind DFC's published numbers)",
 }
 
 _BSDS_DOC = (
-    "BSDS500 segment-best-IoU (SPEC §6.1): per GT segment the best IoU with a whole "
+    "BSDS500 segment-best-IoU: per GT segment the best IoU with a whole "
     "predicted region (many-to-one); All = every annotation, Fine / Coarse = the "
     "annotation with the most / fewest labels (first on a tie); each mode averages ONE "
     "global list of GT segments over the dataset; Mean = (All + Fine + Coarse) / 3"
@@ -65,7 +65,7 @@ _STANDARD_DOC = (
     "pooled counts). One fixed output per image, so ODS = OIS"
 )
 _VOC_DOC = (
-    "VOC segment-best-IoU (SPEC §6.2): each mask value one GT segment, background 0 "
+    "VOC segment-best-IoU: each mask value one GT segment, background 0 "
     "counted as one segment, void 255 ignored; one global list of GT segments"
 )
 

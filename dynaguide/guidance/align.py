@@ -1,4 +1,8 @@
-"""Alignment of guide labels to the CNN's response channels (SPEC §3.3).
+"""Alignment of guide labels to the CNN's response channels.
+
+DynaGuide's released code pairs the i-th sorted guide id with the i-th live channel
+(modulo their count), which ignores which pixels agree; the default here matches them by
+overlap instead.
 
 ``overlap`` (default): each guide class is sent to a distinct CNN channel by a Hungarian
 assignment that maximises the number of pixels on which the guide class and the

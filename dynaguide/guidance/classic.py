@@ -1,7 +1,7 @@
 """Weight-free guides: LAB k-means, Felzenszwalb and SLIC (scikit-image / scikit-learn).
 
 ``kmeans`` is what the authors' released DynaGuide code actually runs as its "DiffSeg"
-guide (SPEC §3.4): k-means (k=5) on the LAB colour of every pixel. Here the centres are
+guide (DynaGuide, IVC 2025): k-means (k=5) on the LAB colour of every pixel. Here the centres are
 fitted on a seeded sample of pixels (``sample``) and every pixel is then assigned to its
 nearest centre, which gives the same kind of partition at a fraction of the cost.
 """

@@ -1,12 +1,13 @@
-"""DiffSeg-style attention merging over any self-attention provider (SPEC §5).
+"""DiffSeg-style attention merging over any self-attention provider (Tian et al.,
+"Diffuse, Attend, and Segment", CVPR 2024, arXiv 2308.12469).
 
 The algorithm (Tian et al., CVPR 2024), with every size a parameter:
 
-1. **Aggregate** (§5.2) self-attention maps given at one or more resolutions into one
+1. **Aggregate** self-attention maps given at one or more resolutions into one
    tensor ``A`` of shape (Gh, Gw, Gh, Gw): average over heads, bilinearly upsample each
    query's key map to (Gh, Gw) and renormalise it to sum to 1, tile the query axes
    (nearest), and sum with weights proportional to the resolution (``sqrt(tokens)``).
-2. **Merge** (§5.3). Iteration 0 compares the anchor maps of a grid of query positions
+2. **Merge**. Iteration 0 compares the anchor maps of a grid of query positions
    with all Gh*Gw maps by symmetric KL, ``D(a, b) = KL(a||b)/2 + KL(b||a)/2``, and each
    anchor's proposal is the mean of the maps with ``D < tau_0``. Iterations 1..N-1 walk
    the proposals in order, skip those already matched, and merge everything under
@@ -150,7 +151,7 @@ def anchor_grid(
     *,
     layout: str = "reference",
 ) -> np.ndarray:
-    """Anchor query positions on a (rows, cols) grid (SPEC §5.3).
+    """Anchor query positions on a (rows, cols) grid (DiffSeg's anchor grid).
 
     Parameters
     ----------
@@ -195,7 +196,7 @@ def aggregate_attention(
     out_shape: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Aggregate self-attention maps of one or more resolutions (SPEC §5.2).
+    """Aggregate self-attention maps of one or more resolutions (DiffSeg's attention aggregation).
 
     Parameters
     ----------
@@ -320,7 +321,7 @@ def merge_attention(
     anchors: np.ndarray | None = None,
     chunk_elements: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Iterative attention merging (SPEC §5.3).
+    """Iterative attention merging (DiffSeg's anchor grid).
 
     Parameters
     ----------

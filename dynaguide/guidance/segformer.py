@@ -1,4 +1,5 @@
-"""SegFormer guidance through ONNX Runtime (SPEC §3.4).
+"""SegFormer guidance through ONNX Runtime (SegFormer: Xie et al., NeurIPS 2021; used as a
+guide by DynaGuide, IVC 2025).
 
 The guide maps an RGB image to the argmax of a SegFormer's class logits:
 
