@@ -82,6 +82,7 @@ def feature_similarity(
 
 Method = Literal["auto", "reference", "factorised", "triton"]
 _EPS = 1e-10  # the paper's normalisation eps
+_TRITON_MAX_CODES = 256  # dynaguide.kernels.smoothness.MAX_CODES (the codes are one tile)
 
 
 def _check_pair(
@@ -105,7 +106,9 @@ def _check_pair(
         raise ValueError("a and b must have the same number of feature and code channels")
     devices = {t.device for t in (feats_a, feats_b, codes_a, codes_b)}
     if len(devices) > 1:
-        raise ValueError(f"feats_a, feats_b, codes_a and codes_b must share a device, got {devices}")
+        raise ValueError(
+            f"feats_a, feats_b, codes_a and codes_b must share a device, got {devices}"
+        )
 
 
 def smoothness_loss_reference(
@@ -203,7 +206,8 @@ def smoothness_loss(
             f"method must be 'auto', 'reference', 'factorised' or 'triton', got {method!r}"
         )
     if method == "auto":
-        method = "triton" if feats_a.device.type == "cuda" and _triton_available() else "factorised"
+        cuda = feats_a.device.type == "cuda" and codes_a.shape[1] <= _TRITON_MAX_CODES
+        method = "triton" if cuda and _triton_available() else "factorised"
     if method == "reference":
         return _reference(feats_a, feats_b, codes_a, codes_b, shift, pointwise)
     if method == "factorised":
