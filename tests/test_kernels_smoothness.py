@@ -127,3 +127,41 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="codes_a"):
         big = torch.rand(2, 300, 4, 4, device=DEVICE)
         ks.smoothness_loss_triton(fa, fb, big, big, shift=0.0)
+
+
+_COMPILE = """
+import json, torch
+from dynaguide.kernels import compile_only
+from dynaguide.kernels.smoothness import smoothness_loss_triton
+names = set()
+for dt in (torch.float32, torch.bfloat16, torch.float64):
+    f = torch.randn(2, 384, 28, 28).to(dt)
+    c = torch.rand(2, 27, 28, 28).to(dt).requires_grad_()
+    with compile_only(90) as compiled:
+        smoothness_loss_triton(f, f, c, c, shift=0.3).backward()
+    names |= {name for name, _ in compiled}
+print(json.dumps(sorted(names)))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_sm90():
+    """Triton's real code generation (the interpreter never lowers to PTX), float32,
+    bfloat16 and float64, forward and backward, in a process without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _COMPILE],
+        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert names == ["_code_grad_kernel", "_gram_kernel", "_inv_norm_kernel"]
