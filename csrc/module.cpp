@@ -13,6 +13,7 @@
 #include "common.h"
 #include "labels.h"
 #include "cpu_kernels.h"
+#include "crf.h"
 #ifdef DYNAGUIDE_WITH_CUDA
 #include "labels_cuda.h"  // cuda_device_count
 #endif
@@ -246,6 +247,65 @@ NB_MODULE(_native, m) {
         },
         nb::arg("response"), nb::arg("target"), nb::arg("ignore_index"), nb::arg("grad").none(),
         nb::arg("loss"), "Per-image guidance cross-entropy and (optionally) its gradient.");
+
+    // -------------------------------------------------------------------- dense CRF
+    m.def(
+        "permutohedral_filter",
+        [](InArray features, InArray values, OutArray out) {
+            const int cpu = nb::device::cpu::value;
+            View fv = to_view(features, "features", 2, cpu), vv = to_view(values, "values", 2, cpu),
+                 ov = to_view(out, "out", 2, cpu);
+            expect_dtype(fv, DType::F32, "features");
+            expect_contiguous(fv, "features");
+            expect_dtype(vv, DType::F32, "values");
+            expect_contiguous(vv, "values");
+            expect_dtype(ov, DType::F32, "out");
+            expect_contiguous(ov, "out");
+            const int64_t n = fv.shape[0], d = fv.shape[1], vd = vv.shape[1];
+            if (n < 1) dg::fail("features is empty");
+            if (d < 1 || d > 16) dg::fail("features must have 1 to 16 columns");
+            if (vd < 1) dg::fail("values must have at least one column");
+            expect_shape(vv, {n, vd}, "values");
+            expect_shape(ov, {n, vd}, "out");
+            nb::gil_scoped_release release;
+            return dg::permutohedral_filter_cpu(fv.ptr<float>(), n, static_cast<int>(d), d,
+                                                vv.ptr<float>(), static_cast<int>(vd), ov.ptr<float>());
+        },
+        nb::arg("features"), nb::arg("values"), nb::arg("out"),
+        "out (N, V) = permutohedral-lattice Gaussian filter of values (N, V) at features (N, d), "
+        "all float32 C-contiguous (sum_j exp(-|f_i - f_j|^2 / 2) v_j up to a gain); returns the "
+        "number of lattice points.");
+
+    m.def(
+        "dense_crf",
+        [](InArray image, InArray energy, OutArray q, int iterations, float gaussian_sxy,
+           float gaussian_weight, float bilateral_sxy, float bilateral_srgb, float bilateral_weight) {
+            const int cpu = nb::device::cpu::value;
+            View iv = to_view(image, "image", 3, cpu), ev = to_view(energy, "unary", 3, cpu),
+                 qv = to_view(q, "out", 3, cpu);
+            expect_dtype(iv, DType::U8, "image");
+            expect_contiguous(iv, "image");
+            expect_dtype(ev, DType::F32, "unary");
+            expect_contiguous(ev, "unary");
+            expect_dtype(qv, DType::F32, "out");
+            expect_contiguous(qv, "out");
+            const int64_t h = iv.shape[0], w = iv.shape[1], k = ev.shape[0];
+            if (iv.shape[2] != 3) dg::fail("image must have shape (H, W, 3)");
+            if (h < 1 || w < 1 || k < 1) dg::fail("image and unary must be non-empty");
+            expect_shape(ev, {k, h, w}, "unary");
+            expect_shape(qv, {k, h, w}, "out");
+            if (iterations < 0) dg::fail("iterations must be >= 0");
+            dg::CrfParams p{iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb,
+                            bilateral_weight};
+            nb::gil_scoped_release release;
+            dg::dense_crf_cpu(iv.ptr<uint8_t>(), h, w, ev.ptr<float>(), static_cast<int>(k), p,
+                              qv.ptr<float>());
+        },
+        nb::arg("image"), nb::arg("unary"), nb::arg("out"), nb::arg("iterations"),
+        nb::arg("gaussian_sxy"), nb::arg("gaussian_weight"), nb::arg("bilateral_sxy"),
+        nb::arg("bilateral_srgb"), nb::arg("bilateral_weight"),
+        "Dense-CRF mean field: image (H, W, 3) uint8, unary energies (K, H, W) float32, "
+        "marginals into out (K, H, W) float32 (see dynaguide.crf).");
 
     // ------------------------------------------------------------- ReLU + BatchNorm
     m.def(
