@@ -4,7 +4,8 @@ SmooSeg's settings (10 iterations, Gaussian sxy 1 w 3, bilateral sxy 67 srgb 3 w
 K = 5 (a DynaGuide-like label count) and K = 27 (SmooSeg's COCO-Stuff classes) random
 class scores as the unary; the first BSDS500 val image (a synthetic one if the data is
 absent). Wall clock of :func:`dynaguide.crf.dense_crf`, min / median / max over repeats
-after one warm-up, and the lattice sizes of the two kernels.
+after one warm-up, the process CPU time of the same calls, and the lattice sizes of the
+two kernels.
 
 Usage::
 
@@ -16,7 +17,9 @@ Writes ``benchmarks/results/crf-cpu.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for k in args.classes:
         scores = rng.normal(0, 1, (k, h, w)).astype(np.float32)
-        t = summarize(
-            time_calls(lambda s=scores: crf.dense_crf(img, s, logits=True), repeats=args.repeats)
-        )
-        rows[f"K={k}"] = {"dense_crf_s": t, "per_iteration_s_approx": t["median"] / 10}
-        print(f"K={k:3d}: {t['median']:.2f} s (10 iterations, {h}x{w})", flush=True)
+        cpu: list[float] = []
+
+        def run(s=scores, cpu=cpu) -> None:
+            c0 = time.process_time()
+            crf.dense_crf(img, s, logits=True)
+            cpu.append(time.process_time() - c0)
+
+        t = summarize(time_calls(run, repeats=args.repeats))
+        c = summarize(cpu[1:])  # without the warm-up
+        rows[f"K={k}"] = {"wall_s": t, "process_cpu_s": c}
+        print(f"K={k:3d}: wall {t['median']:.2f} s, CPU {c['median']:.2f} s "
+              f"(10 iterations, {h}x{w})", flush=True)  # fmt: skip
     lattice_points = {}
     for kernel, (sxy, srgb) in {"gaussian": (1.0, None), "bilateral": (67.0, 3.0)}.items():
         f = np.ascontiguousarray(crf.crf_features(img, sxy, srgb), dtype=np.float32)
@@ -75,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": 10,
         "settings": "gaussian sxy 1 w 3, bilateral sxy 67 srgb 3 w 4",
         "lattice_points": lattice_points,
-        "timing": "wall clock, one warm-up, min/median/max over repeats (seconds)",
+        "timing": "wall clock and process CPU time, one warm-up, min/median/max over repeats "
+        "(seconds); the machine is shared, so the CPU time is the steadier figure",
+        "loadavg_after": os.getloadavg(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "rows": rows,
     }
     path = write_results("crf", torch.device("cpu"), payload, args.out)

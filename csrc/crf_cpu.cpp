@@ -22,13 +22,14 @@ namespace {
 
 constexpr int kMaxDim = 16;
 
-// Open-addressing table from d-int keys to dense indices 0..size-1.
+// Open-addressing table from d-int keys to dense indices 0..size-1. Each slot keeps the
+// key's 32-bit hash next to its index, so that a probe compares keys only on a hash match.
 class KeyTable {
    public:
     KeyTable(int d, int64_t expected) : d_(d) {
-        int64_t cap = 64;
+        int64_t cap = 1024;
         while (cap < 2 * expected) cap <<= 1;
-        slots_.assign(static_cast<size_t>(cap), -1);
+        slots_.assign(static_cast<size_t>(cap), Slot{0, -1});
         mask_ = cap - 1;
         keys_.reserve(static_cast<size_t>(expected * d));
     }
@@ -37,40 +38,46 @@ class KeyTable {
 
     // Index of `k`; inserted when absent and `insert`, else -1.
     int64_t find(const int32_t *k, bool insert) {
-        uint64_t h = 0;
-        for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(k[i])) * 2531011ull;
-        int64_t s = static_cast<int64_t>(h & static_cast<uint64_t>(mask_));
+        uint32_t h = 2166136261u;
+        for (int i = 0; i < d_; ++i) h = (h ^ static_cast<uint32_t>(k[i])) * 16777619u;
+        h ^= h >> 15;
+        int64_t s = static_cast<int64_t>(h) & mask_;
         while (true) {
-            int64_t idx = slots_[static_cast<size_t>(s)];
-            if (idx < 0) {
+            const Slot &slot = slots_[static_cast<size_t>(s)];
+            if (slot.index < 0) {
                 if (!insert) return -1;
                 if (2 * (size() + 1) > mask_ + 1) {
                     grow();
                     return find(k, true);
                 }
-                idx = size();
+                const int64_t idx = size();
                 keys_.insert(keys_.end(), k, k + d_);
-                slots_[static_cast<size_t>(s)] = idx;
+                slots_[static_cast<size_t>(s)] = Slot{h, static_cast<int32_t>(idx)};
                 return idx;
             }
-            if (std::memcmp(key(idx), k, sizeof(int32_t) * d_) == 0) return idx;
+            if (slot.hash == h && std::memcmp(key(slot.index), k, sizeof(int32_t) * d_) == 0)
+                return slot.index;
             s = (s + 1) & mask_;
         }
     }
 
    private:
+    struct Slot {
+        uint32_t hash;
+        int32_t index;  // -1: empty
+    };
     void grow() {
         std::vector<int32_t> keys;
         keys.swap(keys_);
-        int64_t n = static_cast<int64_t>(keys.size()) / d_;
-        slots_.assign(slots_.size() * 2, -1);
+        const int64_t n = static_cast<int64_t>(keys.size()) / d_;
+        slots_.assign(slots_.size() * 2, Slot{0, -1});
         mask_ = static_cast<int64_t>(slots_.size()) - 1;
         keys_.reserve(keys.size() * 2);
         for (int64_t i = 0; i < n; ++i) find(keys.data() + i * d_, true);
     }
     int d_;
     int64_t mask_ = 0;
-    std::vector<int64_t> slots_;
+    std::vector<Slot> slots_;
     std::vector<int32_t> keys_;
 };
 
@@ -82,7 +89,8 @@ class Lattice {
         const int d1 = d + 1;
         vertex_.resize(static_cast<size_t>(n * d1));
         weight_.resize(static_cast<size_t>(n * d1));
-        KeyTable table(d, n * d1 / 2 + 16);
+        if (n * d1 >= (int64_t(1) << 31)) fail("permutohedral lattice: too many points");
+        KeyTable table(d, n);  // grows when needed; images have about n lattice points
         double scale[kMaxDim];
         const double inv_std = std::sqrt(2.0 / 3.0) * d1;
         for (int i = 0; i < d; ++i) scale[i] = inv_std / std::sqrt((i + 1.0) * (i + 2.0));
