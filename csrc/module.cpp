@@ -82,6 +82,15 @@ double *norm_out(const OutArray &a, const char *name, int64_t C) {
     return v.ptr<double>();
 }
 
+// A C-contiguous CPU array of one dtype (the dense-CRF inputs and outputs).
+template <typename A>
+View dense_array(const A &a, const char *name, int ndim, DType dtype) {
+    View v = to_view(a, name, ndim, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_contiguous(v, name);
+    return v;
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -252,15 +261,9 @@ NB_MODULE(_native, m) {
     m.def(
         "permutohedral_filter",
         [](InArray features, InArray values, OutArray out) {
-            const int cpu = nb::device::cpu::value;
-            View fv = to_view(features, "features", 2, cpu), vv = to_view(values, "values", 2, cpu),
-                 ov = to_view(out, "out", 2, cpu);
-            expect_dtype(fv, DType::F32, "features");
-            expect_contiguous(fv, "features");
-            expect_dtype(vv, DType::F32, "values");
-            expect_contiguous(vv, "values");
-            expect_dtype(ov, DType::F32, "out");
-            expect_contiguous(ov, "out");
+            View fv = dense_array(features, "features", 2, DType::F32),
+                 vv = dense_array(values, "values", 2, DType::F32),
+                 ov = dense_array(out, "out", 2, DType::F32);
             const int64_t n = fv.shape[0], d = fv.shape[1], vd = vv.shape[1];
             if (n < 1) dg::fail("features is empty");
             if (d < 1 || d > 16) dg::fail("features must have 1 to 16 columns");
@@ -280,15 +283,9 @@ NB_MODULE(_native, m) {
         "dense_crf",
         [](InArray image, InArray energy, OutArray q, int iterations, float gaussian_sxy,
            float gaussian_weight, float bilateral_sxy, float bilateral_srgb, float bilateral_weight) {
-            const int cpu = nb::device::cpu::value;
-            View iv = to_view(image, "image", 3, cpu), ev = to_view(energy, "unary", 3, cpu),
-                 qv = to_view(q, "out", 3, cpu);
-            expect_dtype(iv, DType::U8, "image");
-            expect_contiguous(iv, "image");
-            expect_dtype(ev, DType::F32, "unary");
-            expect_contiguous(ev, "unary");
-            expect_dtype(qv, DType::F32, "out");
-            expect_contiguous(qv, "out");
+            View iv = dense_array(image, "image", 3, DType::U8),
+                 ev = dense_array(energy, "unary", 3, DType::F32),
+                 qv = dense_array(q, "out", 3, DType::F32);
             const int64_t h = iv.shape[0], w = iv.shape[1], k = ev.shape[0];
             if (iv.shape[2] != 3) dg::fail("image must have shape (H, W, 3)");
             if (h < 1 || w < 1 || k < 1) dg::fail("image and unary must be non-empty");

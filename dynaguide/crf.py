@@ -44,6 +44,9 @@ __all__ = [
     "unary_energy",
 ]
 
+# SmooSeg's evaluation settings, the defaults of dense_crf.
+DEFAULTS: dict[str, Any] = dict(iterations=10, gaussian_sxy=1.0, gaussian_weight=3.0,
+                                bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_weight=4.0)  # fmt: skip
 PROB_CLIP = 1e-5  # probabilities below this are clipped before -log (as pydensecrf's helper)
 _EXACT_MAX_PIXELS = 4096
 
@@ -196,34 +199,31 @@ def normalised_filter(
 
 
 def dense_crf_reference(
-    image: Any,
-    unary: Any,
-    *,
-    iterations: int = 10,
-    gaussian_sxy: float = 1.0,
-    gaussian_weight: float = 3.0,
-    bilateral_sxy: float = 67.0,
-    bilateral_srgb: float = 3.0,
-    bilateral_weight: float = 4.0,
-    logits: bool = False,
-    filtering: str = "exact",
+    image: Any, unary: Any, *, logits: bool = False, filtering: str = "exact", **settings: Any
 ) -> np.ndarray:
     """The mean field of :func:`dense_crf` in float64 numpy, with ``filtering="exact"``
-    (O(N^2) Gaussian sums, at most 4096 pixels) or ``"lattice"`` (the native lattice)."""
+    (O(N^2) Gaussian sums, at most 4096 pixels) or ``"lattice"`` (the native lattice).
+
+    ``settings``: :func:`dense_crf`'s ``iterations`` and kernel parameters (same defaults).
+    """
     if filtering not in ("exact", "lattice"):
         raise ValueError(f"filtering must be 'exact' or 'lattice', got {filtering!r}")
     img = _check_image(image)
     h, w = img.shape[:2]
     energy = unary_energy(unary, (h, w), logits=logits).reshape(-1, h * w).T
-    _check_params(iterations, gaussian_sxy=gaussian_sxy, gaussian_weight=gaussian_weight,
-                  bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
-                  bilateral_weight=bilateral_weight)  # fmt: skip
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown dense-CRF settings {sorted(unknown)}; known: {list(DEFAULTS)}")
+    p = {**DEFAULTS, **settings}
+    iterations = p.pop("iterations")
+    _check_params(iterations, **p)
     filt = exact_gaussian_filter if filtering == "exact" else lattice_gaussian_filter
-    gauss = normalised_filter(filt, crf_features(img, gaussian_sxy))
-    bilat = normalised_filter(filt, crf_features(img, bilateral_sxy, bilateral_srgb))
+    gauss = normalised_filter(filt, crf_features(img, p["gaussian_sxy"]))
+    bilat = normalised_filter(filt, crf_features(img, p["bilateral_sxy"], p["bilateral_srgb"]))
+    wg, wb = p["gaussian_weight"], p["bilateral_weight"]
     q = _softmax(-energy)
     for _ in range(iterations):
-        q = _softmax(-energy + gaussian_weight * gauss(q) + bilateral_weight * bilat(q))
+        q = _softmax(-energy + wg * gauss(q) + wb * bilat(q))
     return q.T.reshape(-1, h, w)
 
 

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dynaguide.kernels import smoothness as ks
+from smoothness_helpers import max_rel, random_maps
 
 from dynaguide.smooseg import smoothness_loss, smoothness_loss_reference
 
@@ -31,13 +32,7 @@ if DEVICE == "cpu" and type(ks._gram_kernel).__name__ != "InterpretedFunction":
 RTOL32 = 1e-5
 
 
-def _inputs(seed, shape_a, shape_b, k, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    fa = torch.randn(shape_a, generator=g, dtype=torch.float64)
-    fb = torch.randn(shape_b, generator=g, dtype=torch.float64)
-    ca = torch.rand((shape_a[0], k, *shape_a[2:]), generator=g, dtype=torch.float64)
-    cb = torch.rand((shape_b[0], k, *shape_b[2:]), generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (fa, fb, ca, cb)]
+_inputs = random_maps
 
 
 def _run(fn, fa, fb, ca, cb, scale=1.0, **kw):
@@ -47,9 +42,7 @@ def _run(fn, fa, fb, ca, cb, scale=1.0, **kw):
     return loss, ga, gb
 
 
-def _max_rel(got, want) -> float:
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return float((got - want).abs().max() / want.abs().max())
+_max_rel = max_rel
 
 
 def _check(x, rtol, *, pointwise=True, shift=0.2, scale=1.0, dev=DEVICE, grad_rtol=None):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from smoothness_helpers import max_rel, random_maps
 
 from dynaguide.smooseg import (
     derangement,
@@ -92,12 +93,7 @@ def test_derangement_has_no_fixed_point():
 
 # ------------------------------------------------------------------ factorised form
 def _inputs(seed, dtype, shape_a=(3, 24, 5, 7), shape_b=(3, 24, 6, 4), k=5):
-    g = torch.Generator().manual_seed(seed)
-    fa = torch.randn(shape_a, generator=g, dtype=torch.float64)
-    fb = torch.randn(shape_b, generator=g, dtype=torch.float64)
-    ca = torch.rand((shape_a[0], k, *shape_a[2:]), generator=g, dtype=torch.float64)
-    cb = torch.rand((shape_b[0], k, *shape_b[2:]), generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (fa, fb, ca, cb)]
+    return random_maps(seed, shape_a, shape_b, k, dtype)
 
 
 def _loss_and_grads(fn, fa, fb, ca, cb, **kw):
@@ -106,9 +102,7 @@ def _loss_and_grads(fn, fa, fb, ca, cb, **kw):
     return (loss, *torch.autograd.grad(loss, (ca, cb)))
 
 
-def _max_rel(got, want):
-    got, want = got.detach().double(), want.detach().double()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+_max_rel = max_rel
 
 
 @pytest.mark.parametrize("pointwise", [True, False])
