@@ -10,7 +10,8 @@ ViT-S features D = 384, K = 27 classes), forward + backward (gradients into both
   buffers (it allocates nothing else: norms, partial Gram matrices, code gradients).
   On CUDA: ``torch.cuda.max_memory_allocated`` above the inputs;
 * time: wall clock of forward + backward, min / median / max over repeats after one
-  warm-up (CPU: reference and factorised; CUDA: the three methods);
+  warm-up (CPU: reference and factorised, with their process CPU time, steadier on a
+  shared machine; CUDA: the three methods);
 * error of each method's loss and code gradients against the float64 reference.
 
 Usage::
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     cpu["errors_vs_float64"] = errors(("reference", "factorised"), feats, codes, perm)
     for m in ("reference", "factorised"):
-        t = summarize(time_calls(lambda m=m: fwd_bwd(m, feats, codes, perm), repeats=args.repeats))
-        cpu[m] = {"fwd_bwd_s": t}
-        print(f"cpu  {m:10s} {t['median'] * 1e3:8.1f} ms  rss rise "
+        used: list[float] = []
+
+        def run(m=m, used=used) -> None:
+            c0 = time.process_time()
+            fwd_bwd(m, feats, codes, perm)
+            used.append(time.process_time() - c0)
+
+        t = summarize(time_calls(run, repeats=args.repeats))
+        cpu[m] = {"fwd_bwd_s": t, "fwd_bwd_process_cpu_s": summarize(used[1:])}
+        print(f"cpu  {m:10s} {t['median'] * 1e3:8.1f} ms wall, "
+              f"{cpu[m]['fwd_bwd_process_cpu_s']['median'] * 1e3:8.1f} ms CPU, rss rise "
               f"{cpu['measured_peak_rss_rise_bytes'][m]}", flush=True)  # fmt: skip
     print("formula bytes:", json.dumps(cpu["formula_bytes"]))
+    cpu["loadavg_after"] = os.getloadavg()
     payload = {"sizes": sizes, "cpu": cpu}
     payload["cuda"] = cuda_section(args) if torch.cuda.is_available() else "not measured (no CUDA)"
     path = write_results("smoothness_loss", torch.device("cpu"), payload, args.out)
