@@ -26,6 +26,9 @@ the next one runs; after ``--budget`` seconds the remaining ones are skipped):
                CPU kernels (timings and equality).
   batched      grouped refinement steps of 1, 8, 32 images (and 32 in bf16): images x
                iterations per second, against one at a time and the floor.
+  smoothness   SmooSeg's smoothness loss: reference / factorised / Triton kernel at batch 32,
+               784 patches, D 384, K 27 (benchmarks/smoothness_loss.py): times, peak memory,
+               errors against float64.
   tests        ``pytest -m gpu`` and the device-agnostic Triton tests on CUDA (last: they
                compile many kernel variants).
 
@@ -324,6 +327,7 @@ def sec_tests(ck: Check) -> dict[str, Any]:
     runs = {
         "pytest -m gpu": ["-m", "gpu", str(tests)],
         "triton on CUDA": [str(tests / "test_kernels.py"), str(tests / "test_cuda_graph.py"),
+                           str(tests / "test_kernels_smoothness.py"),
                            str(tests / "test_batched.py") + "::test_fused_triton_objective_matches_solo"],
     }  # fmt: skip
     if ck.tiny:
@@ -355,6 +359,13 @@ def sec_tests(ck: Check) -> dict[str, Any]:
     return out
 
 
+def sec_smoothness(ck: Check) -> dict[str, Any]:
+    sizes = (2, 4, 16, 3) if ck.tiny else (32, 28, 384, 27)
+    args = argparse.Namespace(batch=sizes[0], side=sizes[1], dim=sizes[2], classes=sizes[3],
+                              repeats=1 if ck.tiny else 5)  # fmt: skip
+    return _sibling("smoothness_loss").cuda_section(args, device=ck.device.type)
+
+
 _perf = _sibling("gpu_check_perf")  # the timing sections
 SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "env": sec_env,
@@ -365,6 +376,7 @@ SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "losses": _perf.sec_losses,
     "native": _perf.sec_native,
     "batched": _perf.sec_batched,
+    "smoothness": sec_smoothness,
     "tests": sec_tests,
 }
 

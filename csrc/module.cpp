@@ -13,6 +13,7 @@
 #include "common.h"
 #include "labels.h"
 #include "cpu_kernels.h"
+#include "crf.h"
 #ifdef DYNAGUIDE_WITH_CUDA
 #include "labels_cuda.h"  // cuda_device_count
 #endif
@@ -79,6 +80,15 @@ double *norm_out(const OutArray &a, const char *name, int64_t C) {
     expect_contiguous(v, name);
     expect_shape(v, {C}, name);
     return v.ptr<double>();
+}
+
+// A C-contiguous CPU array of one dtype (the dense-CRF inputs and outputs).
+template <typename A>
+View dense_array(const A &a, const char *name, int ndim, DType dtype) {
+    View v = to_view(a, name, ndim, nb::device::cpu::value);
+    expect_dtype(v, dtype, name);
+    expect_contiguous(v, name);
+    return v;
 }
 
 }  // namespace
@@ -246,6 +256,53 @@ NB_MODULE(_native, m) {
         },
         nb::arg("response"), nb::arg("target"), nb::arg("ignore_index"), nb::arg("grad").none(),
         nb::arg("loss"), "Per-image guidance cross-entropy and (optionally) its gradient.");
+
+    // -------------------------------------------------------------------- dense CRF
+    m.def(
+        "permutohedral_filter",
+        [](InArray features, InArray values, OutArray out) {
+            View fv = dense_array(features, "features", 2, DType::F32),
+                 vv = dense_array(values, "values", 2, DType::F32),
+                 ov = dense_array(out, "out", 2, DType::F32);
+            const int64_t n = fv.shape[0], d = fv.shape[1], vd = vv.shape[1];
+            if (n < 1) dg::fail("features is empty");
+            if (d < 1 || d > 16) dg::fail("features must have 1 to 16 columns");
+            if (vd < 1) dg::fail("values must have at least one column");
+            expect_shape(vv, {n, vd}, "values");
+            expect_shape(ov, {n, vd}, "out");
+            nb::gil_scoped_release release;
+            return dg::permutohedral_filter_cpu(fv.ptr<float>(), n, static_cast<int>(d), d,
+                                                vv.ptr<float>(), static_cast<int>(vd), ov.ptr<float>());
+        },
+        nb::arg("features"), nb::arg("values"), nb::arg("out"),
+        "out (N, V) = permutohedral-lattice Gaussian filter of values (N, V) at features (N, d), "
+        "all float32 C-contiguous (sum_j exp(-|f_i - f_j|^2 / 2) v_j up to a gain); returns the "
+        "number of lattice points.");
+
+    m.def(
+        "dense_crf",
+        [](InArray image, InArray energy, OutArray q, int iterations, float gaussian_sxy,
+           float gaussian_weight, float bilateral_sxy, float bilateral_srgb, float bilateral_weight) {
+            View iv = dense_array(image, "image", 3, DType::U8),
+                 ev = dense_array(energy, "unary", 3, DType::F32),
+                 qv = dense_array(q, "out", 3, DType::F32);
+            const int64_t h = iv.shape[0], w = iv.shape[1], k = ev.shape[0];
+            if (iv.shape[2] != 3) dg::fail("image must have shape (H, W, 3)");
+            if (h < 1 || w < 1 || k < 1) dg::fail("image and unary must be non-empty");
+            expect_shape(ev, {k, h, w}, "unary");
+            expect_shape(qv, {k, h, w}, "out");
+            if (iterations < 0) dg::fail("iterations must be >= 0");
+            dg::CrfParams p{iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb,
+                            bilateral_weight};
+            nb::gil_scoped_release release;
+            dg::dense_crf_cpu(iv.ptr<uint8_t>(), h, w, ev.ptr<float>(), static_cast<int>(k), p,
+                              qv.ptr<float>());
+        },
+        nb::arg("image"), nb::arg("unary"), nb::arg("out"), nb::arg("iterations"),
+        nb::arg("gaussian_sxy"), nb::arg("gaussian_weight"), nb::arg("bilateral_sxy"),
+        nb::arg("bilateral_srgb"), nb::arg("bilateral_weight"),
+        "Dense-CRF mean field: image (H, W, 3) uint8, unary energies (K, H, W) float32, "
+        "marginals into out (K, H, W) float32 (see dynaguide.crf).");
 
     // ------------------------------------------------------------- ReLU + BatchNorm
     m.def(

@@ -98,7 +98,9 @@ class RefineConfig:
         (a fraction of the image when < 1, else pixels) join their closest-colour
         neighbour; ``merge`` (``"colour"`` / ``"boundary"``, None: off) merges adjacent
         regions over the region adjacency graph until the smallest weight exceeds
-        ``merge_threshold`` (see :mod:`dynaguide.postprocess`).
+        ``merge_threshold`` (see :mod:`dynaguide.postprocess`). ``crf_iterations`` > 0
+        first refines the labels with that many mean-field iterations of a dense CRF
+        (:mod:`dynaguide.crf`, SmooSeg's kernel settings) on a one-hot unary from the labels.
     """
 
     name: str = "custom"
@@ -151,6 +153,7 @@ class RefineConfig:
     min_area: float = 0.0
     merge: MergeWeight | None = None
     merge_threshold: float = 0.0
+    crf_iterations: int = 0
 
     def __post_init__(self) -> None:
         """Validate every field with a message naming it (numpy scalars become Python ones)."""
@@ -162,6 +165,7 @@ class RefineConfig:
             ("convergence_window", 1, 1_000_000),
             ("silhouette_samples", 10, 100_000),
             ("min_labels", 0, 1_000_000),
+            ("crf_iterations", 0, 1000),
         ):
             _positive_int(name, getattr(self, name), minimum=lo, maximum=hi)
             object.__setattr__(self, name, int(getattr(self, name)))

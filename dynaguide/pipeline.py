@@ -251,6 +251,7 @@ def finish(
         min_area=config.min_area,
         merge=config.merge,
         threshold=config.merge_threshold,
+        crf_iterations=config.crf_iterations,
     )
     compact, k = relabel_sequential(labels.astype(np.int64))
     full = prepared.rgb.shape[:2]

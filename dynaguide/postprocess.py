@@ -28,7 +28,7 @@ from dynaguide.native import connected_components, relabel_sequential
 
 MergeWeight = Literal["colour", "boundary"]
 
-__all__ = ["merge_regions", "merge_small_regions", "postprocess"]
+__all__ = ["crf_refine", "merge_regions", "merge_small_regions", "postprocess"]
 
 
 def _check(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -283,8 +283,11 @@ def postprocess(
     min_area: float = 0.0,
     merge: MergeWeight | None = None,
     threshold: float = 0.0,
+    crf_iterations: int = 0,
+    crf_unary: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Connected regions, small-region merge and optional graph merge, in that order.
+    """Optional dense CRF, connected regions, small-region merge and optional graph merge,
+    in that order.
 
     Parameters
     ----------
@@ -297,12 +300,24 @@ def postprocess(
         Smallest region kept: a fraction of the image's pixels when below 1, else pixels.
     merge : {None, "colour", "boundary"}
         Region-graph merging (:func:`merge_regions`) with ``threshold``.
+    crf_iterations : int
+        > 0: first replace the labels by the argmax of a dense CRF's marginals after that
+        many mean-field iterations (:func:`dynaguide.crf.dense_crf`, SmooSeg's settings).
+    crf_unary : ndarray (K, H, W), optional
+        The CRF's unary as class probabilities (e.g. the network's softmax); by default a
+        one-hot unary from the labels (:func:`crf_refine`).
 
     Returns
     -------
     ndarray (H, W) int32, labels 0..K-1.
     """
     labels = _check(labels, image)
+    if isinstance(crf_iterations, bool) or not isinstance(crf_iterations, (int, np.integer)):
+        raise ValueError(f"crf_iterations must be an int >= 0, got {crf_iterations!r}")
+    if crf_iterations < 0:
+        raise ValueError(f"crf_iterations must be an int >= 0, got {crf_iterations!r}")
+    if crf_iterations:
+        labels = crf_refine(labels, image, iterations=crf_iterations, unary=crf_unary)
     if connectivity == 0:
         if min_area > 0 or merge is not None:
             raise ValueError("min_area and merge work on regions: connectivity must be 4 or 8")
@@ -313,3 +328,27 @@ def postprocess(
     if merge is not None:
         out = merge_regions(out, image, threshold=threshold, weight=merge)
     return out
+
+
+CRF_LABEL_PROB = 0.7  # the one-hot unary's probability of a pixel's own label
+
+
+def crf_refine(
+    labels: np.ndarray, image: np.ndarray, *, iterations: int = 10, unary: np.ndarray | None = None
+) -> np.ndarray:
+    """Labels refined by a dense CRF (:func:`dynaguide.crf.dense_crf`, SmooSeg's settings).
+
+    Without ``unary`` each pixel's own label gets probability 0.7 and the other labels share
+    the rest; with it, the (K, H, W) probabilities are used as given and the result is their
+    CRF argmax. Returns (H, W) int64 labels 0..K-1 (compact when ``unary`` is None).
+    """
+    from dynaguide.crf import dense_crf
+
+    labels = _check(labels, image)
+    if unary is None:
+        compact, k = relabel_sequential(labels.astype(np.int64))
+        if k < 2:
+            return compact.astype(np.int64)
+        unary = np.full((k, *labels.shape), (1.0 - CRF_LABEL_PROB) / (k - 1), np.float32)
+        np.put_along_axis(unary, compact[None], CRF_LABEL_PROB, axis=0)
+    return dense_crf(image, unary, iterations=iterations).argmax(0).astype(np.int64)

@@ -18,6 +18,7 @@ from .continuity import continuity_loss
 from .fused import DynaGuideLoss, dynaguide_loss, dynaguide_loss_reference
 from .guidance import guidance_loss
 from .similarity import similarity_loss
+from .smoothness import smoothness_loss_triton
 
 __all__ = [
     "DynaGuideLoss",
@@ -28,4 +29,5 @@ __all__ = [
     "guidance_loss",
     "interpreting",
     "similarity_loss",
+    "smoothness_loss_triton",
 ]

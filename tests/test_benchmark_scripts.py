@@ -142,3 +142,21 @@ def test_baselines_script_tiny(tmp_path):
     assert human["covering"] > data["single_segment"]["covering"]
     assert "published" in data["published"]["source"]
     assert data["timing"]["standard_image_scores_seconds"]["n_calls"] == 2 * 2 * 2
+
+
+def test_smoothness_loss_script_tiny(tmp_path):
+    module = _load("smoothness_loss")
+    argv = ["--batch", "2", "--side", "3", "--dim", "8", "--classes", "3", "--repeats", "1"]
+    assert module.main([*argv, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "smoothness_loss-cpu.json").read_text())
+    assert data["cpu"]["errors_vs_float64"]["factorised"]["loss"] < 1e-5
+    assert isinstance(data["cpu"]["measured_peak_rss_rise_bytes"]["factorised"], int)
+    assert data["cuda"] == "not measured (no CUDA)" or "triton" in data["cuda"]
+
+
+def test_crf_script_tiny(tmp_path):
+    pytest.importorskip("dynaguide._native")
+    module = _load("crf")
+    assert module.main(["--repeats", "1", "--classes", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "crf-cpu.json").read_text())
+    assert data["rows"]["K=2"]["wall_s"]["n"] == 1 and data["lattice_points"]["bilateral"] > 0

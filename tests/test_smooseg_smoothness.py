@@ -6,8 +6,15 @@ import math
 
 import pytest
 import torch
+from smoothness_helpers import max_rel, random_maps
 
-from dynaguide.smooseg import derangement, feature_similarity, smoothness_loss
+from dynaguide.smooseg import (
+    derangement,
+    feature_similarity,
+    smoothness_loss,
+    smoothness_loss_factorised,
+    smoothness_loss_reference,
+)
 
 
 def _brute(fa, fb, ca, cb, shift, pointwise):
@@ -82,3 +89,62 @@ def test_derangement_has_no_fixed_point():
             assert not (p == torch.arange(n)).any()
     with pytest.raises(ValueError, match="n >= 2"):
         derangement(1)
+
+
+# ------------------------------------------------------------------ factorised form
+def _inputs(seed, dtype, shape_a=(3, 24, 5, 7), shape_b=(3, 24, 6, 4), k=5):
+    return random_maps(seed, shape_a, shape_b, k, dtype)
+
+
+def _loss_and_grads(fn, fa, fb, ca, cb, **kw):
+    ca, cb = ca.detach().requires_grad_(), cb.detach().requires_grad_()
+    loss = fn(fa, fb, ca, cb, **kw)
+    return (loss, *torch.autograd.grad(loss, (ca, cb)))
+
+
+_max_rel = max_rel
+
+
+@pytest.mark.parametrize("pointwise", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_factorised_equals_reference_float64(pointwise, seed):
+    x = _inputs(seed, torch.float64)
+    want = _loss_and_grads(smoothness_loss_reference, *x, shift=0.25, pointwise=pointwise)
+    got = _loss_and_grads(smoothness_loss_factorised, *x, shift=0.25, pointwise=pointwise)
+    for g, w, what in zip(got, want, ("loss", "grad codes_a", "grad codes_b"), strict=True):
+        assert _max_rel(g, w) <= 1e-12, what
+
+
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_factorised_float32_within_1e5_of_float64(pointwise):
+    x = _inputs(7, torch.float64, shape_a=(4, 64, 8, 8), shape_b=(4, 64, 8, 8), k=9)
+    want = _loss_and_grads(smoothness_loss_reference, *x, shift=0.1, pointwise=pointwise)
+    got = _loss_and_grads(smoothness_loss, *[t.float() for t in x], shift=0.1, pointwise=pointwise)
+    assert got[0].dtype == torch.float32
+    for g, w, what in zip(got, want, ("loss", "grad codes_a", "grad codes_b"), strict=True):
+        assert _max_rel(g, w) <= 1e-5, what
+
+
+def test_default_method_on_cpu_is_factorised_and_never_imports_triton():
+    code = (
+        "import sys, torch\n"
+        "from dynaguide.smooseg import smoothness_loss\n"
+        "f = torch.randn(2, 8, 3, 3); c = torch.rand(2, 4, 3, 3)\n"
+        "smoothness_loss(f, f, c, c, shift=0.0)\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
+
+
+def test_methods_agree_and_bad_method_is_named():
+    x = _inputs(3, torch.float64)
+    ref = smoothness_loss(*x, shift=0.2, method="reference")
+    fac = smoothness_loss(*x, shift=0.2, method="factorised")
+    assert math.isclose(float(ref), float(fac), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        smoothness_loss(*x, shift=0.2, method="direct")
+    with pytest.raises(ValueError, match="feats_a"):
+        smoothness_loss_factorised(x[0][0], *x[1:], shift=0.0)

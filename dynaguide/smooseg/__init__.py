@@ -9,6 +9,18 @@ images) and a data term (the student's cosine logits against the teacher's hard 
 
 from __future__ import annotations
 
-from dynaguide.smooseg.smoothness import derangement, feature_similarity, smoothness_loss
+from dynaguide.smooseg.smoothness import (
+    derangement,
+    feature_similarity,
+    smoothness_loss,
+    smoothness_loss_factorised,
+    smoothness_loss_reference,
+)
 
-__all__ = ["derangement", "feature_similarity", "smoothness_loss"]
+__all__ = [
+    "derangement",
+    "feature_similarity",
+    "smoothness_loss",
+    "smoothness_loss_factorised",
+    "smoothness_loss_reference",
+]
