@@ -16,7 +16,8 @@ guide's labels at full size, no network) or a refinement (preset, guide, overrid
 A post-processing setting is ``raw`` (labels as they are), ``cc`` (8-connected regions),
 ``a<fraction>`` (regions below that fraction of the image merged into their
 closest-colour neighbour), with ``+c<t>`` (colour region-graph merging, threshold t) or
-``+b<t>`` (boundary-strength merging) appended.
+``+b<t>`` (boundary-strength merging) appended; a ``crf+`` prefix first runs 10 mean-field
+iterations of the dense CRF on a one-hot unary of the labels.
 """
 
 from __future__ import annotations
@@ -323,7 +324,9 @@ def parse_post(text: str) -> dict[str, Any]:
         return {"connectivity": 8}
     out: dict[str, Any] = {"connectivity": 8}
     for part in text.split("+"):
-        if part.startswith("a"):
+        if part == "crf":
+            out["crf_iterations"] = 10
+        elif part.startswith("a"):
             out["min_area"] = float(part[1:])
         elif part.startswith("c"):
             out["merge"], out["threshold"] = "colour", float(part[1:])
