@@ -116,9 +116,9 @@ def write_results(
 ) -> Path:
     """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically.
 
-    The default folder is ``benchmarks/results`` of the running benchmark script's
-    repository (``python benchmarks/x.py``), else the current directory: never a path
-    inside the installed package.
+    The default folder is ``results/`` beside the running benchmark script (``python
+    benchmarks/x.py`` in a checkout), else the current directory: never a path inside the
+    installed package.
     """
     root = _script_root()
     if out_dir is not None:
