@@ -101,7 +101,10 @@ def test_importing_from_the_source_tree_fails_at_once_with_advice():
     assert "ImportError: you are importing dynaguide from its source tree" in proc.stderr
     assert "pip install ." in proc.stderr and "dynaguide._native" in proc.stderr
     # the message comes before anything heavy: torch is never imported
-    proc = _run("import sys\ntry:\n import dynaguide\nexcept ImportError:\n print('torch' in sys.modules)", root)
+    proc = _run(
+        "import sys\ntry:\n import dynaguide\nexcept ImportError:\n print('torch' in sys.modules)",
+        root,
+    )
     assert proc.stdout.strip() == "False"
     # -P keeps the checkout off sys.path: the installed package imports from there too
     proc = _run("import dynaguide; print(dynaguide.__file__)", root, "-P")

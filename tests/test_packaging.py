@@ -57,7 +57,11 @@ def expand(extras: dict[str, list[str]], chosen: tuple[str, ...]) -> set[str]:
 
 
 def test_expand_follows_self_references_and_fails_on_unknown_extras():
-    extras = {"a": ["x>=1", "dynaguide[b]"], "b": ["y; python_version > '3'"], "c": ["dynaguide[z]"]}
+    extras = {
+        "a": ["x>=1", "dynaguide[b]"],
+        "b": ["y; python_version > '3'"],
+        "c": ["dynaguide[z]"],
+    }
     assert expand(extras, ("a",)) == {"x", "y"}
     with pytest.raises(KeyError, match="'z'"):
         expand(extras, ("c",))
