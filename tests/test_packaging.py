@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
+import subprocess
 import sys
+import tarfile
 import zipfile
 from importlib.metadata import distribution
 from pathlib import Path
@@ -194,3 +196,18 @@ def test_wheel_checker_refuses_a_pure_python_wheel(tmp_path):
     wheel = _fake_wheel(tmp_path, "py3-none-any", _good_members(".abi3.so"))
     found = check.problems(wheel, ROOT, python=tuple(sys.version_info[:2]))
     assert any("platform" in p for p in found)
+
+
+def test_sdist_carries_the_licence_and_leaves_results_out(tmp_path):
+    if not PYPROJECT.is_file():
+        pytest.skip("not a source checkout")
+    pytest.importorskip("scikit_build_core", reason="the build backend is not installed here")
+    code = f"from scikit_build_core.build import build_sdist; print(build_sdist({str(tmp_path)!r}))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(tmp_path / proc.stdout.strip().splitlines()[-1]) as tf:
+        names = [n.split("/", 1)[1] for n in tf.getnames() if "/" in n]
+    assert {"LICENSE", "pyproject.toml", "CMakeLists.txt", "dynaguide/py.typed"} <= set(names)
+    assert not [n for n in names if n.startswith("benchmarks/results/")]
