@@ -27,13 +27,14 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dynaguide.build_info import build_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds500" / "val"
@@ -468,7 +469,7 @@ def score(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "command": "python " + " ".join(sys.argv),
-            "commit": _commit(),
+            "commit": build_commit(),
             "machine": platform.processor() or platform.machine(),
             "data": str(args.data),
             "n_images": len(ids),
@@ -494,15 +495,6 @@ def score(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(payload, indent=1))
         os.replace(tmp, args.json)
     return 0
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

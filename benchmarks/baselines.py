@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from dynaguide.build_info import build_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds500" / "val"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality" / "baselines-bsds500-val.json"
@@ -212,20 +214,6 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + note
 
 
-def _commit() -> str:
-    """Commit of the repository this script lives in (``-dirty`` with local changes)."""
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()  # fmt: skip
-
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _versions() -> dict[str, str]:
     import scipy
     import skimage
@@ -288,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     metric_seconds = np.concatenate([img["metric_seconds"] for img in images])
     results: dict[str, Any] = {
         "command": " ".join(["baselines.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": _commit(),
+        "commit": build_commit(),
         "versions": _versions(),
         "environment": environment(__import__("torch").device("cpu")),
         "data": str(args.data),

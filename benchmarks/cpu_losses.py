@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from dynaguide import losses
+from dynaguide.build_info import build_commit
 from dynaguide.model import RefineNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relabel import RESULTS, _triton_version, cpu_name, git_commit, timeit
+from relabel import RESULTS, _triton_version, cpu_name, timeit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": _triton_version(),
         "torch_threads": torch.get_num_threads(),
         "native_threads": __import__("dynaguide._native", fromlist=["x"]).max_threads(),
-        "commit": git_commit(),
+        "commit": build_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "size_chw": [c, h, w],
         "repeats": args.repeats,

@@ -120,25 +120,11 @@ class Check:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"gpu-check-{self.slug}.json"
         env = environment(self.device)
-        env["commit"] = _commit()
         body = {"environment": env, **self.payload, "seconds_total": time.perf_counter() - self.t0}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(body, indent=2, default=float) + "\n")
         os.replace(tmp, path)
         return path
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _test_image(h: int, w: int) -> tuple[np.ndarray, np.ndarray, str]:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import torch
 import dynaguide
 from dynaguide.api import build_config
 from dynaguide.benchmarking import summarize, write_results
+from dynaguide.build_info import build_commit
 from dynaguide.model import conv_flops_per_pixel
 from dynaguide.rle import labels_to_rles
 
@@ -204,19 +204,6 @@ def _history_bytes_per_iteration(out: Path) -> float:
     return sum(len(json.dumps(d["history"])) for d in data) / sum(d["n_iter"] for d in data)
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def scaling_model(preset: str, gpus: int = 100) -> dict[str, Any]:
     """Compute floor of one BSDS-size image on an H100 (an ESTIMATE from FLOPs and the
     datasheet peak, not a measurement) and what ``gpus`` of them would ask of the rest."""
@@ -277,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     payload = {
         "benchmark": "ray_throughput",
-        "commit": _commit(),
+        "commit": build_commit(),
         "images": [p.name for p in paths],
         "scale": args.scale,
         "max_iter": args.max_iter,

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from skimage.measure import label as sk_label
 from skimage.segmentation import relabel_sequential as sk_relabel
 
 from dynaguide import native
+from dynaguide.build_info import build_commit
 from dynaguide.native import _argmax_relabel_torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,21 +53,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} logical cores)"
-
-
-def git_commit() -> str:
-    """HEAD commit, or "uncommitted" when there is none."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
@@ -247,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "native_threads": mod.max_threads(),
         "torch_threads": torch.get_num_threads(),
-        "commit": git_commit(),
+        "commit": build_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "repeats": args.repeats,
         "loadavg_before_after": [load_before, os.getloadavg()],

@@ -37,6 +37,9 @@ from dynaguide.api import build_config, resolve_device
 from dynaguide.benchmarking import matmul_rate, write_results
 from dynaguide.guidance import compute_guide_labels
 
+#: BSDS500 val images of the development checkout (``../shared`` beside the repository).
+VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "val" / "images"
+
 _MEMORY_PROBE = r"""
 import json, resource, sys
 import numpy as np, torch
@@ -102,7 +105,7 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="dynaguide")
-    ap.add_argument("--data", default=str(bench.DEFAULT_DATA))
+    ap.add_argument("--data", default=str(VAL), help="image folder (default %(default)s)")
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--max-iter", type=int, default=20)

@@ -1,37 +1,52 @@
 """dynaguide: unsupervised image segmentation by per-image CNN refinement.
 
-DFC (Kim, Kanezaki and Tanaka, "Unsupervised Learning of Image Segmentation Based on
-Differentiable Feature Clustering", IEEE TIP 2020), DynaSeg and DynaGuide, with fused
-kernels behind a plain PyTorch reference. Quick start::
+DFC (Kim et al., TIP 2020), DynaSeg and DynaGuide (Guermazi et al., IVC 2024 / 2025), with
+fused kernels behind a plain PyTorch reference. Quick start::
 
     import dynaguide as dg
     seg = dg.segment("photo.jpg")          # default preset and guide
     seg.labels                             # (H, W) int32, compact 0..K-1
     seg.save("out/")
 
-Nothing heavy (Triton, ONNX Runtime, transformers) is imported here.
+``import dynaguide`` itself imports nothing heavy: the names below are loaded on first use
+(PEP 562), so ``dynaguide --help`` and tools that only read ``__version__`` never import
+torch, scipy or scikit-image. Triton, ONNX Runtime and transformers are imported only by the
+code paths that run them.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from dynaguide.api import segment
-from dynaguide.backend import env_report
-from dynaguide.batch import segment_batch
-from dynaguide.batched import refine_batch
-from dynaguide.config import RefineConfig, get_preset, presets
-from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
-from dynaguide.loading import load_segmentation
-from dynaguide.native import connected_components, relabel_sequential
-from dynaguide.segmentation import Segmentation, label_colors
+from dynaguide._lazy import attach as _attach
+from dynaguide._source_tree import check_not_source_tree as _check_not_source_tree
+from dynaguide.build_info import package_version as _package_version
 
-try:
-    __version__ = version("dynaguide")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+_check_not_source_tree()
 
-__all__ = [
+__version__: str = _package_version()
+
+#: public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    "Guide": "dynaguide.guidance",
+    "RefineConfig": "dynaguide.config",
+    "Segmentation": "dynaguide.segmentation",
+    "available_guides": "dynaguide.guidance",
+    "connected_components": "dynaguide.native",
+    "env_report": "dynaguide.backend",
+    "get_guide": "dynaguide.guidance",
+    "get_preset": "dynaguide.config",
+    "label_colors": "dynaguide.segmentation",
+    "load_segmentation": "dynaguide.loading",
+    "presets": "dynaguide.config",
+    "refine_batch": "dynaguide.batched",
+    "register_guide": "dynaguide.guidance",
+    "relabel_sequential": "dynaguide.native",
+    "segment": "dynaguide.api",
+    "segment_batch": "dynaguide.batch",
+}
+
+__all__ = [  # the names of _LAZY and the version (tests/test_packaging.py keeps them equal)
     "Guide",
     "RefineConfig",
     "Segmentation",
@@ -42,7 +57,6 @@ __all__ = [
     "get_guide",
     "get_preset",
     "label_colors",
-    "load_segmentation",
     "presets",
     "refine_batch",
     "register_guide",
@@ -50,3 +64,15 @@ __all__ = [
     "segment",
     "segment_batch",
 ]
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from dynaguide.api import segment
+    from dynaguide.backend import env_report
+    from dynaguide.batch import segment_batch
+    from dynaguide.batched import refine_batch
+    from dynaguide.config import RefineConfig, get_preset, presets
+    from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
+    from dynaguide.native import connected_components, relabel_sequential
+    from dynaguide.segmentation import Segmentation, label_colors
+
+__getattr__, __dir__ = _attach(__name__, _LAZY)

@@ -64,10 +64,10 @@ __all__ = [
     "run",
 ]
 
-#: BSDS500 validation images of the development checkout (``../shared`` beside the repo).
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val" / "images"
-)
+#: Images of the image and throughput sections without ``--data``: None means the sample
+#: images bundled with scikit-image (those of ``dynaguide demo``), so an installed package
+#: never looks for a data folder of a checkout.
+DEFAULT_DATA: Path | None = None
 
 _FULL = {"limit": 8, "max_iter": 20, "scale": 0.5, "repeats": 7, "throughput_repeats": 3,
          "loss_size": (321, 481)}  # fmt: skip
@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=DEFAULT_DATA,
-        help="folder of images for the throughput section",
+        help="folder of images for the image and throughput sections "
+        "(default: scikit-image's bundled sample images, as dynaguide demo)",
     )
     parser.add_argument(
         "--limit", type=_positive_int, default=None, help="images (default 8; tiny 3)"
@@ -362,14 +363,22 @@ def bench_step(
     return out
 
 
-def load_images(folder: Path, limit: int, scale: float, config: Any) -> tuple[list[Any], list[str]]:
-    """The first ``limit`` images of ``folder`` at refinement size, and their names."""
+def load_images(
+    folder: Path | None, limit: int, scale: float, config: Any
+) -> tuple[list[Any], list[str]]:
+    """The first ``limit`` images of ``folder`` at refinement size, and their names
+    (``folder=None``: scikit-image's bundled sample images, those of ``dynaguide demo``)."""
     from dynaguide.io import list_images, load_image
     from dynaguide.pipeline import refinement_size, resize_image
 
-    if not folder.is_dir():
+    if folder is None:
+        from dynaguide.cli import bundled_demo_images
+
+        paths = sorted(bundled_demo_images().values())[:limit]
+    elif not folder.is_dir():
         raise FileNotFoundError(f"no image folder {folder}; pass --data")
-    paths = list_images(folder)[:limit]
+    else:
+        paths = list_images(folder)[:limit]
     if not paths:
         raise FileNotFoundError(f"no images in {folder}; pass --data")
     images = []
@@ -552,17 +561,21 @@ def run(args: argparse.Namespace) -> int:
     guides: list[Any] = []
     if "image" in sections or "throughput" in sections:
         try:
-            images, names = load_images(Path(args.data), limit, scale, config)
+            images, names = load_images(args.data, limit, scale, config)
         except (FileNotFoundError, OSError, ValueError) as exc:
             return fail(str(exc))
         guides = [compute_guide_labels(config.default_guidance, im)[0] for im in images]
-        payload["data"] = {"folder": str(args.data), "images": names, "scale": scale}
+        payload["data"] = {
+            "folder": str(args.data) if args.data is not None else "scikit-image samples",
+            "images": names,
+            "scale": scale,
+        }
 
     if "image" in sections:
         if args.tiny:
             img, guide = images[0], guides[0]
         else:  # full resolution
-            img, _ = load_images(Path(args.data), 1, 1.0, config)
+            img, _ = load_images(args.data, 1, 1.0, config)
             img = img[0]
             guide = compute_guide_labels(config.default_guidance, img)[0]
         res = bench_image(img, guide, config, device, repeats, rate)

@@ -1,7 +1,7 @@
 """Shared helpers for the benchmark scripts and ``dynaguide bench``.
 
-Timing summaries, the environment record (device, versions, commit, command) and the
-results JSON written to ``benchmarks/results/<name>-<device>.json``.
+Timing summaries, the environment record (device, versions, build commit, command) and the
+results JSON written to ``<out>/<name>-<device>.json`` (:func:`write_results`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dynaguide.build_info import build_commit
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:
@@ -79,25 +80,6 @@ def _script_root() -> Path | None:
     return None
 
 
-def git_commit() -> str:
-    """Commit of the working tree, with ``-dirty`` when it has uncommitted changes.
-
-    The tree is the running benchmark script's repository (an installed package has no
-    git tree of its own), else the one this module lives in.
-    """
-    root = _script_root() or Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, library versions, commit and command line of this run."""
     env: dict[str, Any] = {
@@ -106,7 +88,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "commit": git_commit(),
+        "commit": build_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -132,15 +114,17 @@ def matmul_rate(
 def write_results(
     name: str, device: torch.device, payload: dict[str, Any], out_dir: str | Path | None = None
 ) -> Path:
-    """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically
-    (default ``benchmarks/results`` of the running benchmark script's repository, or the
-    current directory when no such script runs: never inside the installed package)."""
+    """Write ``payload`` plus the environment to ``<out_dir>/<name>-<device>.json`` atomically.
+
+    The default folder is ``results/`` beside the running benchmark script (``python
+    benchmarks/x.py`` in a checkout), else the current directory: never a path inside the
+    installed package.
+    """
     root = _script_root()
-    out = (
-        Path(out_dir)
-        if out_dir is not None
-        else (root / "benchmarks" / "results" if root is not None else Path.cwd())
-    )
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = root / "benchmarks" / "results" if root is not None else Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{device.type}.json"
     tmp = path.with_suffix(".json.tmp")

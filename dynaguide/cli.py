@@ -81,7 +81,7 @@ def _preset_names() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``dynaguide`` argument parser, optional subcommands included."""
-    from dynaguide.segmentation import _version
+    from dynaguide.build_info import package_version as _version  # no torch for --help
 
     parser = argparse.ArgumentParser(
         prog="dynaguide",

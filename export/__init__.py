@@ -18,18 +18,23 @@ verifies it against torch on a fresh input of another size and returns an
 
 from __future__ import annotations
 
-from dynaguide.export.refine import export_refine_net, load_refine_checkpoint
+from typing import TYPE_CHECKING
 
-from dynaguide.guidance.diffseg import export_vit_attention
-from dynaguide.guidance.ort import (
-    ExportReport,
-    ImagePreprocessor,
-    OrtSession,
-    export_onnx,
-    read_metadata,
-    select_providers,
-)
-from dynaguide.guidance.segformer import export_segformer
+from dynaguide._lazy import attach as _attach
+
+#: public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    "ExportReport": "dynaguide.guidance.ort",
+    "ImagePreprocessor": "dynaguide.guidance.ort",
+    "OrtSession": "dynaguide.guidance.ort",
+    "export_onnx": "dynaguide.guidance.ort",
+    "export_refine_net": "dynaguide.export.refine",
+    "export_segformer": "dynaguide.guidance.segformer",
+    "export_vit_attention": "dynaguide.guidance.diffseg",
+    "load_refine_checkpoint": "dynaguide.export.refine",
+    "read_metadata": "dynaguide.guidance.ort",
+    "select_providers": "dynaguide.guidance.ort",
+}
 
 __all__ = [
     "ExportReport",
@@ -43,3 +48,19 @@ __all__ = [
     "read_metadata",
     "select_providers",
 ]
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from dynaguide.export.refine import export_refine_net, load_refine_checkpoint
+
+    from dynaguide.guidance.diffseg import export_vit_attention
+    from dynaguide.guidance.ort import (
+        ExportReport,
+        ImagePreprocessor,
+        OrtSession,
+        export_onnx,
+        read_metadata,
+        select_providers,
+    )
+    from dynaguide.guidance.segformer import export_segformer
+
+__getattr__, __dir__ = _attach(__name__, _LAZY)

@@ -7,14 +7,23 @@ before triton is imported or any kernel is defined, hence here, first.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
+
+# `python -m pytest` in the repository root puts the checkout first on sys.path, where
+# `dynaguide/` is the bare source directory (no compiled extension, no kernels/export
+# subpackages). The suite tests the INSTALLED package, so drop the checkout from the path.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _CHECKOUT]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dynaguide
+import dynaguide  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -33,7 +33,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_import_dynaguide_never_imports_ray():
+def test_import_dynaguide_never_imports_ray(tmp_path: Path):
     code = (
         "import sys, dynaguide, dynaguide.cli, dynaguide.distributed, dynaguide.distributed.cli\n"
         "import dynaguide.rle, dynaguide.distributed.records\n"
@@ -41,7 +41,10 @@ def test_import_dynaguide_never_imports_ray():
         "bad = sorted(m for m in ('ray', 'pyarrow') if m in sys.modules)\n"
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # cwd: not the checkout, whose bare source package `python -c` would find first
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == ""
 
 
@@ -278,12 +281,13 @@ def test_kill_hook_exits_once(tmp_path: Path):
     marker = tmp_path / "killed"
     code = "from dynaguide.distributed.worker import _maybe_die; _maybe_die('x'); print('alive')"
     env = {**os.environ, KILL_ENV: f"x={marker};never-seen"}
-    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = {"capture_output": True, "text": True, "cwd": tmp_path}  # cwd: not the checkout
+    first = subprocess.run([sys.executable, "-c", code], env=env, **run)
     assert first.returncode == 17 and first.stdout == "" and marker.is_file()
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", code], env=env, **run)
     assert second.returncode == 0 and second.stdout.strip() == "alive"
     always = {**os.environ, KILL_ENV: "x"}
-    third = subprocess.run([sys.executable, "-c", code], env=always, capture_output=True)
+    third = subprocess.run([sys.executable, "-c", code], env=always, **run)
     assert third.returncode == 17
 
 

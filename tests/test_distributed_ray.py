@@ -5,6 +5,7 @@ iterations. Skipped without Ray, except on CI (CI=true), where the test extra in
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -34,13 +35,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A local 2-CPU cluster whose workers die once on image ``kill-me``."""
     marker = tmp_path_factory.mktemp("kill") / "killed"
     env = {KILL_ENV: f"{KILL_ID}={marker}", "OMP_NUM_THREADS": "1"}
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    # Ray puts the driver's current directory on its workers' sys.path: start it from a
+    # folder that is not the checkout, whose bare source package they would import first.
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("driver-cwd"))
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    finally:
+        os.chdir(cwd)
     yield marker
     ray.shutdown()
 

@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dynaguide.build_info import code_version
 from dynaguide.config import DEFAULT_PRESET
 from dynaguide.errors import image_failure
 from dynaguide.eval.bsds_benchmark import standard_image_scores, standard_scores
@@ -68,37 +68,6 @@ _VOC_DOC = (
     "VOC segment-best-IoU: each mask value one GT segment, background 0 "
     "counted as one segment, void 255 ignored; one global list of GT segments"
 )
-
-
-def code_version() -> dict[str, str]:
-    """dynaguide version and git commit of the source tree (``"uncommitted"`` if none)."""
-    try:
-        import dynaguide
-
-        version = getattr(dynaguide, "__version__", "unknown")
-    except ImportError:
-        version = "unknown"
-    root = Path(__file__).resolve().parents[2]
-    commit, dirty = "uncommitted", False
-    try:
-        r = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if r.returncode == 0:
-            commit = r.stdout.strip()
-            s = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            dirty = bool(s.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"dynaguide": version, "git_commit": commit + ("+dirty" if dirty else "")}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 IGNORE_INDEX = -1
 
@@ -105,6 +104,8 @@ class GuideAligner:
             flat = flat.index_select(0, self._valid_idx)
         counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
         overlap = counts.reshape(self.n_guide, c).cpu().numpy()
+        from scipy.optimize import linear_sum_assignment  # ~0.5 s to import: on first use
+
         rows, cols = linear_sum_assignment(overlap, maximize=True)
         mapping = np.full(self.n_guide, IGNORE_INDEX, dtype=np.int64)
         mapping[rows] = cols
