@@ -73,15 +73,9 @@ from torch import nn
 from dynaguide.config import RefineConfig
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
 from dynaguide.model import RefineNet, build_model
-from dynaguide.refine import (
-    RefineResult,
-    RefineStep,
-    _final_labels,
-    _fused_objective,
-    fused_objective,
-    guidance_weight_at,
-    objective,
-)
+from dynaguide.objective import fused_objective, guidance_weight_at, objective
+from dynaguide.refine import RefineResult, RefineStep, final_labels, fused_kernel
+from dynaguide.stopping import Stopper, stop_floor
 
 __all__ = [
     "BatchCallback",
@@ -268,7 +262,6 @@ class _Slot:
     bn_batches: int  # num_batches_tracked of every BatchNorm
     t0: float
     it: int = 0  # iterations done
-    snap_iter: int | None = None
     last_target: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -339,17 +332,15 @@ class BatchedRefiner:
         h, w = size
         self.x = torch.zeros(1, 0, h, w, device=device)
         self.k_floor = torch.zeros(0, dtype=torch.long, device=device)
-        self.stop_floor = torch.zeros(0, dtype=torch.long, device=device)
         self.hist_loss = torch.zeros(0, config.max_iter, device=device)
         self.hist_k = torch.zeros(0, config.max_iter, dtype=torch.long, device=device)
-        self.snapshot = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.targets = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.prev_labels = torch.zeros(0, h, w, dtype=torch.long, device=device)
         self.its = torch.zeros(0, dtype=torch.long, device=device)
-        self._cols = torch.arange(config.max_iter, device=device)
+        self.stopper = Stopper(config, device, size, check_every)
         # The fused kernel takes one guidance weight for the batch; an annealed weight
         # differs per image (each slot is at its own iteration): use the three losses.
-        self.fused = None if config.guidance_anneal > 0 else _fused_objective(device, backend)
+        self.fused = None if config.guidance_anneal > 0 else fused_kernel(device, backend)
         self._vmapped: Callable[..., torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ membership
@@ -366,9 +357,7 @@ class BatchedRefiner:
             image, cfg, guide_labels=guide_labels, device=self.device, seed=seed,
             backend=self.backend, channels_last=self.fmt == torch.channels_last,
         )  # fmt: skip
-        floor = cfg.min_labels
-        if solo.opt_clusters is not None and cfg.silhouette_stop:
-            floor = solo.opt_clusters - 1
+        floor = stop_floor(cfg, solo.opt_clusters)
         nbt = int(solo.model.out_norm.num_batches_tracked)
         state = {k: v.detach() for k, v in solo.model.state_dict().items()}
         return _Slot(
@@ -425,17 +414,15 @@ class BatchedRefiner:
         h, w = self.size
         self.x = torch.cat([s.x for s in self.slots], dim=1).contiguous(memory_format=self.fmt)
         self.k_floor = torch.tensor([s.k_floor for s in self.slots], dtype=torch.long, device=dev)
-        self.stop_floor = torch.tensor(
-            [s.stop_floor for s in self.slots], dtype=torch.long, device=dev
-        )
         fresh = len(new)
         self.hist_loss = merged(self.hist_loss, [torch.zeros(cfg.max_iter, device=dev)] * fresh)
         self.hist_k = merged(
             self.hist_k, [torch.zeros(cfg.max_iter, dtype=torch.long, device=dev)] * fresh
         )
-        self.snapshot = merged(
-            self.snapshot,
-            [torch.zeros(h, w, dtype=torch.long, device=dev)] * fresh,
+        self.stopper.rebuild(
+            keep,
+            [s.stop_floor for s in new],
+            [None if cfg.time_budget is None else s.t0 + cfg.time_budget for s in new],
         )
         self.targets = merged(
             self.targets,
@@ -623,60 +610,20 @@ class BatchedRefiner:
     def check(
         self, due: Sequence[bool], labels: torch.Tensor, callback: BatchCallback | None = None
     ) -> dict[int, str]:
-        """Stopping rules of the slots flagged in ``due`` (after their iteration).
-
-        The same rules as :class:`dynaguide.refine._Stopper`, for the whole batch with a
-        single device-to-host transfer. Returns ``{position: stop reason}``.
-        """
-        cfg, dev = self.config, self.device
+        """Stopping rules of the slots flagged in ``due`` (after their iteration), by
+        :class:`dynaguide.stopping.Stopper` (the rules of a solo refinement) with a single
+        device-to-host transfer. Returns ``{position: stop reason}``."""
         its = [s.it - 1 for s in self.slots]  # 0-based iteration just done
-        lo = torch.tensor([max(0, i + 1 - self.every) for i in its], dtype=torch.long, device=dev)
-        hi = self.its - 1
-        window = (self._cols >= lo.unsqueeze(1)) & (self._cols <= hi.unsqueeze(1))
-        hit = ((self.hist_k <= self.stop_floor.unsqueeze(1)) & window).any(1) & (
-            self.stop_floor > 0
-        )
-        rows = [hit.double()]
-        snap_update: list[bool] = []
-        if cfg.convergence_tol > 0:
-            changed = (labels != self.snapshot).float().mean(dim=(1, 2))
-            for p, s in enumerate(self.slots):
-                snap_update.append(
-                    due[p]
-                    and (s.snap_iter is None or its[p] - s.snap_iter >= cfg.convergence_window)
-                )
-            mask = torch.tensor(snap_update, device=dev).view(-1, 1, 1)
-            self.snapshot = torch.where(mask, labels, self.snapshot)
-            rows.append(changed.double())
-        col = hi.unsqueeze(1)
-        rows += [
-            self.hist_loss.gather(1, col)[:, 0].double(),
-            self.hist_k.gather(1, col)[:, 0].double(),
-        ]
-        table = torch.stack(rows).cpu().tolist()  # the one host synchronisation
-        cur_loss, cur_k = table[-2], table[-1]
+        res = self.stopper.check(due, its, self.hist_loss, self.hist_k, labels)
         out: dict[int, str] = {}
         for p, s in enumerate(self.slots):
             if not due[p]:
                 continue
             if callback is not None:
-                callback(s.index, its[p], cur_loss[p], int(cur_k[p]))
-            if s.stop_floor > 0 and table[0][p]:
-                out[p] = f"K <= {s.stop_floor}"
-                continue
-            if snap_update and snap_update[p]:
-                first = s.snap_iter is None
-                s.snap_iter = its[p]
-                if not first and table[1][p] < cfg.convergence_tol:
-                    out[p] = (
-                        f"converged ({table[1][p]:.2e} of pixels changed over "
-                        f"{cfg.convergence_window} iterations)"
-                    )
-                    continue
-            if s.it >= cfg.max_iter:
-                out[p] = f"max_iter ({cfg.max_iter})"
-            elif cfg.time_budget is not None and time.perf_counter() - s.t0 > cfg.time_budget:
-                out[p] = f"time budget ({cfg.time_budget:g} s)"
+                callback(s.index, its[p], res.loss[p], res.k[p])
+            reason = res.reasons[p]
+            if reason is not None:
+                out[p] = reason
         return out
 
     def extract_model(self, p: int) -> RefineNet:
@@ -697,7 +644,7 @@ class BatchedRefiner:
         s = self.slots[p]
         n = s.it
         model = self.extract_model(p)
-        labels = _final_labels(model, s.x, last[p].clone(), self.config)
+        labels = final_labels(model, s.x, last[p].clone(), self.config)
         return RefineResult(
             labels=labels,
             n_iter=n,

@@ -36,7 +36,6 @@ with ``--tiny``, so a smoke run never overwrites real figures) via
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -182,59 +181,37 @@ def copy_rate(device: Any, *, nbytes: int = 256 * 2**20, repeats: int = 5) -> fl
 
 
 def _loss_fast_path(device: Any) -> tuple[str | None, str]:
-    """(name of the fast path, why) for the device: "triton", "native" or None."""
-    from dynaguide import backend
+    """(name of the fast path, why) for the device: the loss backend that
+    :mod:`dynaguide.dispatch` picks (honouring ``DYNAGUIDE_BACKEND``), None for the reference."""
+    from dynaguide import dispatch
+    from dynaguide.backend import BackendUnavailableError
 
-    if device.type == "cuda":
-        try:
-            kernels = importlib.import_module("dynaguide.kernels")
-        except ImportError as exc:
-            return None, f"dynaguide.kernels not importable: {exc}"
-        if not hasattr(kernels, "dynaguide_loss"):
-            return None, "dynaguide.kernels has no fused dynaguide_loss"
-        return "triton", "fused Triton kernel dynaguide.kernels.dynaguide_loss"
-    if not backend.available("native"):
-        return None, "the native extension dynaguide._native is not built"
     try:
-        mod = importlib.import_module("dynaguide.native_losses")
-    except ImportError as exc:
-        return None, f"dynaguide.native_losses not importable: {exc}"
-    ops = [op for op in ("similarity_loss", "continuity_loss", "guidance_loss") if hasattr(mod, op)]
-    if len(ops) < 3:
-        return None, f"dynaguide.native_losses implements only {ops}"
-    return "native", "native fused CPU losses (dynaguide.native_losses)"
+        chosen = dispatch.resolve("similarity_loss", device).backend
+    except BackendUnavailableError as exc:
+        return None, str(exc)
+    if chosen == "triton":
+        return "triton", "fused Triton kernel dynaguide.kernels.dynaguide_loss"
+    if chosen == "native":
+        return "native", "native CPU objective (dynaguide.native_objective / native_losses)"
+    return None, f"no fast loss backend for {device} (the torch reference was chosen)"
 
 
 def _objective(config: Any, path: str) -> Callable[[Any, Any], Any]:
-    """The refinement objective of ``config`` through ``path`` ("torch", "native", "triton")."""
-    from dynaguide import losses
-    from dynaguide.refine import dynamic_weight
+    """The refinement objective of ``config`` through ``path`` ("torch", "native", "triton"):
+    :mod:`dynaguide.objective`, as the training loop calls it."""
+    import torch
 
-    if path == "triton":
-        kernels = importlib.import_module("dynaguide.kernels")
+    from dynaguide import dispatch, objective
 
-        def fused(r: Any, target: Any) -> Any:
-            return kernels.dynaguide_loss(
-                r, target, weight=config.weight_mode, mu=config.mu, beta=config.beta,
-                scf_mu=config.scf_mu, similarity_weight=config.similarity_weight,
-                guidance_weight=config.guidance_weight, penalty=config.penalty,
-                neighbors=config.neighbors, delta=config.delta, ignore_index=-1,
-            ).loss  # fmt: skip
+    def loss_of(r: Any, target: Any) -> Any:
+        k_floor = torch.zeros((), dtype=torch.long, device=r.device)
+        if path == "triton":
+            fused = dispatch.resolve("fused_objective", r.device, "triton").fn
+            return objective.fused_objective(fused, r, target, config, k_floor)[0]
+        return objective.objective(r, config, k_floor, lambda _labels: target, backend=path)[0]
 
-        return fused
-
-    def composite(r: Any, target: Any) -> Any:
-        sim, _, k = losses.similarity_loss(r, backend=path)
-        cont = losses.continuity_loss(
-            r, penalty=config.penalty, neighbors=config.neighbors, delta=config.delta, backend=path
-        )
-        loss = config.similarity_weight * sim + dynamic_weight(config, k) * cont
-        if config.guidance_weight > 0:
-            guide = losses.guidance_loss(r, target, ignore_index=-1, backend=path)
-            loss = loss + config.guidance_weight * guide
-        return loss
-
-    return composite
+    return loss_of
 
 
 def _row(name: str, seconds: float, floor: float | None, unit: str = "ms") -> str:

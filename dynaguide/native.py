@@ -22,7 +22,6 @@ forced, while an explicit ``backend="triton"`` raises.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import numbers
 from types import ModuleType
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from dynaguide import backend as _backend
+from dynaguide import dispatch
 
 __all__ = ["argmax_relabel", "connected_components", "native_module", "relabel_sequential"]
 
@@ -47,51 +47,10 @@ def native_module() -> ModuleType | None:
     return importlib.import_module("dynaguide._native")
 
 
-@functools.cache
-def _native_cuda_devices() -> int:
-    mod = native_module()
-    if mod is None or not mod.has_cuda():
-        return 0
-    return int(mod.cuda_device_count())
-
-
-def _choose(op: str, device_type: str, backend: str | None, *, cuda_kernel: bool) -> str:
-    """Return ``"native"`` or ``"torch"`` (the numpy/torch fallback) for one call."""
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be None or a backend name, got {backend!r}")
-    explicit = backend.lower() if backend else None
-    if explicit is not None and explicit not in _backend.BACKENDS:
-        raise _backend.BackendUnavailableError(
-            f"backend {backend!r} is not one of {_backend.BACKENDS}"
-        )
-    if explicit == "triton":
-        raise _backend.BackendUnavailableError(f"{op} has no Triton implementation")
-    choice = explicit or _backend.forced()
-    if choice == "torch":
-        return "torch"
-    mod = native_module()
-    if device_type == "cpu":
-        runs, why = mod is not None, "dynaguide._native is not built"
-    elif device_type == "cuda":
-        runs = cuda_kernel and _native_cuda_devices() > 0
-        if not cuda_kernel:
-            why = f"{op} has no CUDA kernel"
-        elif mod is None:
-            why = "dynaguide._native is not built"
-        elif not mod.has_cuda():
-            why = "dynaguide._native was built without CUDA"
-        else:
-            why = "dynaguide._native's CUDA runtime sees no device (driver too old?)"
-    else:
-        runs, why = False, f"no native kernel for device type {device_type!r}"
-    if choice == "native":
-        if not runs:
-            reason = _backend._probe("native")[1] if mod is None else why
-            raise _backend.BackendUnavailableError(
-                f"backend 'native' was forced for {op} but cannot run: {reason}"
-            )
-        return "native"
-    return "native" if runs else "torch"
+def _choose(op: str, device_type: str, backend: str | None) -> str:
+    """``"native"`` or ``"torch"`` (the numpy/torch fallback) for one call (see
+    :mod:`dynaguide.dispatch`)."""
+    return dispatch.resolve(op, torch.device(device_type), backend).backend
 
 
 def _cuda_scratch(nbytes: int, like: torch.Tensor) -> torch.Tensor:
@@ -185,7 +144,7 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
     n = labels.size if kind == "numpy" else labels.numel()
     big = n >= _INT32_LIMIT
     device_type = labels.device.type if kind == "torch" else "cpu"
-    choice = _choose("relabel_sequential", device_type, backend, cuda_kernel=False)
+    choice = _choose("relabel_sequential", device_type, backend)
     if kind == "numpy":
         out_dtype = np.int64 if big else np.int32
         if choice == "native":
@@ -269,7 +228,7 @@ def connected_components(
     h, w = labels.shape[-2:]
     big = h * w >= _INT32_LIMIT
     device_type = labels.device.type if kind == "torch" else "cpu"
-    choice = _choose("connected_components", device_type, backend, cuda_kernel=True)
+    choice = _choose("connected_components", device_type, backend)
 
     if kind == "torch":
         src = labels.detach()
@@ -395,7 +354,7 @@ def argmax_relabel(
             response if response.dtype in (np.float32, np.float64) else response.astype(np.float32)
         )
         x_np = _numpy_for_native(x_np if batched else x_np[None])
-        choice = _choose("argmax_relabel", "cpu", backend, cuda_kernel=True)
+        choice = _choose("argmax_relabel", "cpu", backend)
         if choice == "native":
             n, c, h, w = x_np.shape
             labels = np.empty((n, h, w), dtype=np.int64)
@@ -419,7 +378,7 @@ def argmax_relabel(
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     x = x if batched else x.unsqueeze(0)
-    choice = _choose("argmax_relabel", x.device.type, backend, cuda_kernel=True)
+    choice = _choose("argmax_relabel", x.device.type, backend)
     if choice == "native":
         n, c, h, w = x.shape
         labels_t = torch.empty((n, h, w), dtype=torch.int64, device=x.device)

@@ -39,13 +39,22 @@ import torch
 import triton
 import triton.language as tl
 
+# Dynamic continuity weight modes: w = mu | K / beta | scf_mu / K (dynaguide.objective).
+from dynaguide.objective import WEIGHT_MODES  # noqa: F401
+from dynaguide.op_checks import (  # noqa: F401 - one set of checks for every backend
+    REDUCTIONS,
+    TARGET_DTYPES,
+    check_continuity_options,
+    check_int,
+    check_number,
+    check_reduction,
+    check_target_values,
+)
+from dynaguide.op_checks import check_target as _check_target
+
 from ._launch import compiling, interpreting, launch  # noqa: F401 - re-exported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-# Dynamic continuity weight modes: w = mu | K / beta | scf_mu / K.
-WEIGHT_MODES = {"constant": 0, "fsf": 1, "dynaguide": 1, "scf": 2}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -143,49 +152,7 @@ def check_response(response: torch.Tensor, name: str = "response") -> Layout:
 
 def check_target(target: torch.Tensor, lay: Layout, name: str = "target") -> torch.Tensor:
     """Validate guide labels against a response layout; return them viewed as (N, H, W)."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in TARGET_DTYPES:
-        raise TypeError(
-            f"{name} must be an int64, int32, int16 or uint8 tensor, got {target.dtype}"
-        )
-    t = target if lay.batched else target.unsqueeze(0)
-    if tuple(t.shape) != (lay.n, lay.h, lay.w):
-        raise ValueError(
-            f"{name} shape {tuple(target.shape)} does not match response {tuple(lay.r.shape)} "
-            "(expected the response's (N,) H, W)"
-        )
-    if t.device != lay.r.device:
-        raise ValueError(f"{name} is on {t.device} but response is on {lay.r.device}")
-    return t
-
-
-def check_reduction(reduction: str) -> int:
-    """Reduction code for the kernels; raises ValueError on an unknown name."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return REDUCTIONS[reduction]
-
-
-def check_continuity_options(penalty: str, neighbors: int, delta: float) -> None:
-    """Validate continuity options with messages naming the argument."""
-    if penalty not in ("l1", "huber"):
-        raise ValueError(f"penalty must be 'l1' or 'huber', got {penalty!r}")
-    if neighbors not in (4, 8) or isinstance(neighbors, bool):
-        raise ValueError(f"neighbors must be 4 or 8, got {neighbors!r}")
-    if (
-        not isinstance(delta, (int, float))
-        or isinstance(delta, bool)
-        or not (0 < delta < float("inf"))
-    ):
-        raise ValueError(f"delta must be a finite number > 0, got {delta!r}")
-
-
-def check_int(name: str, value: Any) -> int:
-    """An int (not bool) argument, e.g. ``ignore_index``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
+    return _check_target(target, lay.r, lay.batched, name)
 
 
 def new_grad(lay: Layout) -> torch.Tensor:

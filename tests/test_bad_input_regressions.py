@@ -258,7 +258,7 @@ def test_nan_loss_stops_with_a_clear_error(monkeypatch) -> None:
         return (loss * float("nan") if calls["n"] >= 3 else loss), labels, k
 
     monkeypatch.setattr(refine_mod, "objective", poisoned)
-    monkeypatch.setattr(refine_mod, "_fused_objective", lambda device, backend: None)
+    monkeypatch.setattr(refine_mod, "fused_kernel", lambda device, backend: None)
     with pytest.raises(RefinementDivergedError, match=r"probe\.png.*iteration 3"):
         dynaguide.segment(_img(), max_iter=10, min_labels=0, name="probe.png", guidance=None)
     calls["n"] = 0

@@ -85,13 +85,8 @@ def test_sparse_checks_as_on_cuda(monkeypatch):
     import dynaguide.refine as refine_mod
 
     every = 3
-    init = refine_mod._Stopper.__init__
-
-    def sparse_init(self, *args, **kwargs):  # the solo loop with the CUDA schedule
-        init(self, *args, **kwargs)
-        self.every = every
-
-    monkeypatch.setattr(refine_mod._Stopper, "__init__", sparse_init)
+    # the solo loop with the CUDA schedule
+    monkeypatch.setattr(refine_mod, "check_interval", lambda config, device: every)
     cfg = get_preset("dynaguide").replace(max_iter=7, min_labels=18, convergence_tol=0.0)
     images = [_image(12, 14, s) for s in range(4)]
     guides = [_guide(img, i) if i % 2 else None for i, img in enumerate(images)]
