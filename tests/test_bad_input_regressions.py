@@ -92,7 +92,7 @@ def test_large_downscale_is_reduced_first_and_small_ones_unchanged() -> None:
 def test_onnx_metadata_size_is_bounded_before_allocating(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dynaguide.guidance.ort import ImagePreprocessor
+    from dynaguide.guidance.pretrained import ImagePreprocessor
     from dynaguide.guidance.segformer import SegFormerGuide
 
     meta = {"dynaguide.preprocess": json.dumps({"size": [100000, 100000]})}

@@ -21,18 +21,16 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
+from dynaguide.export import OrtSession, read_metadata  # noqa: E402
+from dynaguide.export.segformer import segformer_postprocess_model  # noqa: E402
+
 from dynaguide.guidance import get_guide  # noqa: E402
-from dynaguide.guidance.ort import (  # noqa: E402
-    ImagePreprocessor,
-    OrtSession,
-    read_metadata,
-)
+from dynaguide.guidance.pretrained import ImagePreprocessor  # noqa: E402
 from dynaguide.guidance.segformer import (  # noqa: E402
     SEGFORMER_DEFAULTS,
     SegFormerGuide,
     load_segformer,
     logits_to_labels,
-    segformer_postprocess_model,
 )
 
 PREPROCESS = {
