@@ -27,12 +27,8 @@ from dynaguide.config import DEFAULT_PRESET
 from dynaguide.errors import image_failure
 from dynaguide.eval.bsds_benchmark import standard_image_scores, standard_scores
 from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
-from dynaguide.eval.metrics import (
-    BSDS_MODES,
-    _prepare_prediction,
-    bsds_image_scores,
-    voc_image_scores,
-)
+from dynaguide.eval.label_maps import prepare_prediction
+from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
 
 __all__ = ["CACHE_FORMAT", "code_version", "evaluate", "load_cached", "summarize"]
 
@@ -226,7 +222,7 @@ def _score(
     resize: bool,
 ) -> dict[str, Any]:
     if item_kind == "bsds":
-        pred = _prepare_prediction(
+        pred = prepare_prediction(
             labels,
             annotations[0].shape,
             name="prediction",
