@@ -46,6 +46,7 @@ from dynaguide.eval.metrics import (
     voc_scores,
 )
 from dynaguide.eval.runner import evaluate, load_cached, summarize
+from dynaguide.eval.settings import EvalSettings
 
 __all__ = [
     "BOUNDARY_MAX_DIST",
@@ -54,6 +55,7 @@ __all__ = [
     "BSDS500Dataset",
     "DatasetError",
     "DatasetItem",
+    "EvalSettings",
     "FolderDataset",
     "boundary_map",
     "boundary_precision_recall",
