@@ -369,7 +369,8 @@ def bench_throughput(
     """
     import torch
 
-    from dynaguide.batched import auto_batch_size, refine_batch
+    from dynaguide.batch_memory import auto_batch_size
+    from dynaguide.batched import refine_batch
     from dynaguide.benchmarking import summarize
     from dynaguide.model import conv_flops_per_pixel
     from dynaguide.refine import refine

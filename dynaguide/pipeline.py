@@ -108,7 +108,7 @@ def fit_to_memory(
     With ``config.max_pixels=None`` the caller asked for the full size: a refinement that
     does not fit raises :class:`MemoryError` with advice instead.
     """
-    from dynaguide.batched import estimate_refine_bytes, free_memory
+    from dynaguide.batch_memory import estimate_refine_bytes, free_memory
 
     h, w = size
     if config.max_iter == 0:  # no network: only the guide and the post-processing run
