@@ -87,18 +87,7 @@ def sec_native(ck: Any) -> dict[str, Any]:
         x = x.contiguous(memory_format=torch.channels_last)
         row: dict[str, Any] = {}
         if ck.cuda:
-            fast = native.argmax_relabel(x, backend="native", validate=False)
-            slow = native.argmax_relabel(x, backend="torch", validate=False)
-            row["argmax_equal"] = all(
-                bool(torch.equal(a, b)) for a, b in zip(fast, slow, strict=True)
-            )
-            row["argmax_native_s"] = ck.bench(
-                lambda x=x: native.argmax_relabel(x, backend="native", validate=False)
-            )
-            row["argmax_torch_s"] = ck.bench(
-                lambda x=x: native.argmax_relabel(x, backend="torch", validate=False)
-            )
-            lab = fast[0]
+            lab = x.argmax(1)
             for name, lm in (("argmax_labels", lab), ("uniform", torch.zeros_like(lab))):
                 cc = native.connected_components(lm, 8, backend="native")
                 cpu = native.connected_components(lm.cpu().numpy(), 8, backend="native")
@@ -109,7 +98,10 @@ def sec_native(ck: Any) -> dict[str, Any]:
                 host = lm.cpu().numpy()
                 row[f"cc_{name}_cpu_s"] = summarize(time_calls(lambda h=host: native.connected_components(h, 8), repeats=3))  # fmt: skip
         else:
-            row["argmax_cpu_s"] = ck.bench(lambda x=x: native.argmax_relabel(x, validate=False))
+            lab = x.argmax(1).numpy()
+            row["cc_argmax_labels_cpu_s"] = ck.bench(
+                lambda h=lab: native.connected_components(h, 8)
+            )
         out[f"{n}x{c}x{ck.h}x{ck.w}"] = row
     return out
 

@@ -190,5 +190,3 @@ register("connected_components", "torch", "skimage.measure:label")
 register(
     "connected_components", "native", "dynaguide._native:connected_components", can_run=_native_cuda
 )
-register("argmax_relabel", "torch", "torch:argmax")
-register("argmax_relabel", "native", "dynaguide._native:argmax_relabel", can_run=_native_cuda)

@@ -1,15 +1,13 @@
 """Label-map utilities backed by the native extension ``dynaguide._native``.
 
-Three operations, each accepting numpy arrays or torch tensors and returning the same
+Two operations, each accepting numpy arrays or torch tensors and returning the same
 kind (torch results stay on the input's device):
 
-* :func:`argmax_relabel` -- channel argmax of a response map, its compact relabelling
-  and the per-label pixel counts, in one pass over the response.
 * :func:`relabel_sequential` -- renumber an integer label map to ``0..K-1``.
 * :func:`connected_components` -- split a label map into 4- or 8-connected regions of
   equal value.
 
-Dispatch (see :mod:`dynaguide.backend`): the C++ kernels run CPU inputs when the
+Dispatch (see :mod:`dynaguide.dispatch`): the C++ kernels run CPU inputs when the
 extension is built; CUDA tensors go to its CUDA kernels when it was compiled with CUDA
 and its runtime sees a device (``relabel_sequential`` has no CUDA kernel and always
 uses ``torch.unique`` there). Otherwise a numpy/torch implementation with the same
@@ -33,7 +31,7 @@ import torch
 from dynaguide import backend as _backend
 from dynaguide import dispatch
 
-__all__ = ["argmax_relabel", "connected_components", "native_module", "relabel_sequential"]
+__all__ = ["connected_components", "native_module", "relabel_sequential"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 _INT32_LIMIT = 2**31
@@ -276,144 +274,3 @@ def _cc_numpy(lab: np.ndarray, connectivity: int, big: bool, choice: str) -> np.
         order[np.argsort(first, kind="stable")] = np.arange(first.size, dtype=out_dtype)
         out[n] = order[np.searchsorted(np.unique(comp), comp)]
     return out
-
-
-# --------------------------------------------------------------------- argmax_relabel
-def argmax_relabel(
-    response: ArrayT, *, validate: bool = True, backend: str | None = None
-) -> tuple[ArrayT, ArrayT, ArrayT, Any]:
-    """Channel argmax of a response map, its compact relabelling and label counts.
-
-    One read of the response gives, per image: the argmax channel of every pixel (the
-    first maximum wins ties, as in ``torch.argmax``), the compact labels (argmax
-    channels renumbered ``0..K-1`` in increasing channel order, i.e.
-    :func:`relabel_sequential` of the argmax), the pixel count of each compact label
-    and the number K of distinct labels.
-
-    Parameters
-    ----------
-    response : numpy.ndarray or torch.Tensor
-        Float response of shape ``(C, H, W)`` or ``(N, C, H, W)``, any strides
-        (float32 or float64; torch float16/bfloat16 are computed in float32).
-    validate : bool
-        Check for NaN. CPU inputs are checked during the pass itself at no cost; for
-        CUDA tensors the check synchronises with the host, so the hot loop may pass
-        False (the result for a NaN input is then unspecified).
-    backend : {"native", "torch"}, optional
-        Force the C++/CUDA kernels or the torch fallback for this call.
-
-    Returns
-    -------
-    labels : same kind as ``response``
-        int64 argmax channel, shape ``(H, W)`` or ``(N, H, W)``.
-    compact : same kind
-        int64 compact labels, same shape.
-    counts : same kind
-        int64, shape ``(C,)`` or ``(N, C)``: ``counts[..., j]`` is the number of pixels
-        with compact label ``j``; zero for ``j >= K``.
-    K : int, numpy.ndarray or torch.Tensor
-        Distinct labels: an int (numpy, 3-D input), an int64 array ``(N,)`` (numpy,
-        4-D) or an int64 tensor of shape ``()`` / ``(N,)`` on the response's device
-        (torch; no host synchronisation).
-
-    Raises
-    ------
-    TypeError
-        When ``response`` is not a numpy array / torch tensor of a floating dtype.
-    ValueError
-        On a wrong number of dimensions, an empty response or (with ``validate``) NaN.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> r = np.zeros((5, 2, 3), dtype=np.float32)
-    >>> r[4, 0, :] = 1.0
-    >>> r[2, 1, 1:] = 1.0
-    >>> labels, compact, counts, k = argmax_relabel(r)
-    >>> labels
-    array([[4, 4, 4],
-           [0, 2, 2]])
-    >>> compact
-    array([[2, 2, 2],
-           [0, 1, 1]])
-    >>> counts, k
-    (array([1, 2, 3, 0, 0]), 3)
-    """
-    kind = _kind(response, "response")
-    if response.ndim not in (3, 4):
-        raise ValueError(
-            f"response must have shape (C, H, W) or (N, C, H, W), got {tuple(response.shape)}"
-        )
-    batched = response.ndim == 4
-    if kind == "numpy":
-        if response.dtype.kind != "f":
-            raise TypeError(f"response must have a floating dtype, got {response.dtype}")
-        if response.size == 0:
-            raise ValueError(f"response is empty: shape {tuple(response.shape)}")
-        x_np = (
-            response if response.dtype in (np.float32, np.float64) else response.astype(np.float32)
-        )
-        x_np = _numpy_for_native(x_np if batched else x_np[None])
-        choice = _choose("argmax_relabel", "cpu", backend)
-        if choice == "native":
-            n, c, h, w = x_np.shape
-            labels = np.empty((n, h, w), dtype=np.int64)
-            compact = np.empty((n, h, w), dtype=np.int64)
-            counts = np.empty((n, c), dtype=np.int64)
-            k = np.empty(n, dtype=np.int64)
-            if native_module().argmax_relabel(x_np, labels, compact, counts, k) and validate:
-                raise ValueError("response contains NaN")
-        else:
-            res = _argmax_relabel_torch(torch.from_numpy(x_np), validate)
-            labels, compact, counts, k = (t.numpy() for t in res)
-        if not batched:
-            return labels[0], compact[0], counts[0], int(k[0])
-        return labels, compact, counts, k
-
-    if not response.is_floating_point():
-        raise TypeError(f"response must have a floating dtype, got {response.dtype}")
-    if response.numel() == 0:
-        raise ValueError(f"response is empty: shape {tuple(response.shape)}")
-    x = response.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    x = x if batched else x.unsqueeze(0)
-    choice = _choose("argmax_relabel", x.device.type, backend)
-    if choice == "native":
-        n, c, h, w = x.shape
-        labels_t = torch.empty((n, h, w), dtype=torch.int64, device=x.device)
-        compact_t = torch.empty_like(labels_t)
-        counts_t = torch.empty((n, c), dtype=torch.int64, device=x.device)
-        k_t = torch.empty(n, dtype=torch.int64, device=x.device)
-        mod = native_module()
-        if x.device.type == "cuda":
-            if validate and bool(torch.isnan(x).any()):
-                raise ValueError("response contains NaN")
-            scratch = _cuda_scratch(mod.argmax_relabel_cuda_scratch(n, c), x)
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            mod.argmax_relabel_cuda(x, labels_t, compact_t, counts_t, k_t, scratch, stream)
-        elif mod.argmax_relabel(x, labels_t, compact_t, counts_t, k_t) and validate:
-            raise ValueError("response contains NaN")
-    else:
-        labels_t, compact_t, counts_t, k_t = _argmax_relabel_torch(x, validate)
-    if not batched:
-        return labels_t[0], compact_t[0], counts_t[0], k_t[0]
-    return labels_t, compact_t, counts_t, k_t
-
-
-def _argmax_relabel_torch(
-    x: torch.Tensor, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch fallback of :func:`argmax_relabel` on a (N, C, H, W) tensor."""
-    if validate and bool(torch.isnan(x).any()):
-        raise ValueError("response contains NaN")
-    n, c = x.shape[:2]
-    labels = x.argmax(dim=1)
-    flat = labels.reshape(n, -1)
-    hist = torch.zeros(n, c, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(1, flat, torch.ones_like(flat))
-    present = hist > 0
-    rank = present.cumsum(dim=1) - 1
-    compact = torch.gather(rank, 1, flat).reshape(labels.shape)
-    counts = torch.zeros_like(hist).scatter_add_(1, rank.clamp_min(0), hist)
-    return labels, compact, counts, present.sum(dim=1)
