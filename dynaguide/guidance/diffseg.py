@@ -38,15 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynaguide.guidance.attention_labels import diffseg_segment, kmeans_refine, nms_labels
 from dynaguide.guidance.attention_merge import (
     DEFAULT_CHUNK,
     aggregate_attention,
     anchor_grid,
     as_tensor,
-    diffseg_segment,
-    kmeans_refine,
     merge_attention,
-    nms_labels,
     pairwise_symmetric_kl,
     tau_schedule,
 )
