@@ -1,5 +1,9 @@
 """The whole DynaGuide / DynaSeg / DFC objective and its gradient in two passes (Triton).
 
+(Over 400 lines: one file per op, as for the other kernels -- the two ``@triton.jit``
+passes, their launcher, the autograd Function and the public entry point with its checks
+are one unit, and the gradient derivation below explains all of them.)
+
     total = similarity_weight * CE(r, argmax r) + w(K_eff) * continuity(r)
             + guidance_weight * CE_ignore(r, target)
 
@@ -463,7 +467,7 @@ def fused_forward(
     return loss, labels, k, grad
 
 
-class FusedDynaGuideLoss(torch.autograd.Function):
+class DynaGuideLossFunction(torch.autograd.Function):
     """autograd Function of :func:`dynaguide_loss` (gradient from pass 2, rescaled in backward)."""
 
     @staticmethod
@@ -620,5 +624,5 @@ def dynaguide_loss(
         t = check_target(target, lay)
         if validate and opts["guidance_weight"] != 0:
             check_target_values(t, lay.c, opts["ignore_index"])
-    loss, labels, k = FusedDynaGuideLoss.apply(response, target, kt, {**opts, "k_min_scalar": ks})
+    loss, labels, k = DynaGuideLossFunction.apply(response, target, kt, {**opts, "k_min_scalar": ks})
     return DynaGuideLoss(loss, labels, k)

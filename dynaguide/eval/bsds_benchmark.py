@@ -1,6 +1,10 @@
 """The standard BSDS500 region and boundary benchmark (Arbeláez, Maire, Fowlkes, Malik,
 "Contour Detection and Hierarchical Image Segmentation", TPAMI 2011).
 
+(Over 400 lines: the benchmark's four measures share one per-image contingency table and
+one way of combining annotators, so they are computed together here; the boundary
+matching itself is :mod:`dynaguide.eval.boundary_matching`.)
+
 Every measure compares one predicted label map S with each human segmentation G of the
 image (BSDS500: 4-9 annotators) and combines the annotators as the benchmark does:
 
