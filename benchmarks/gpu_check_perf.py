@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.benchmarking import matmul_rate, summarize, time_calls
+from dynaguide.bench_utils import matmul_rate, summarize, time_calls
 from dynaguide.model import conv_flops_per_pixel
 
 
@@ -76,7 +76,7 @@ def sec_losses(ck: Any) -> dict[str, Any]:
 
 
 def sec_native(ck: Any) -> dict[str, Any]:
-    from dynaguide import native
+    from dynaguide import label_ops as native
 
     out: dict[str, Any] = {}
     n_img = 2 if ck.tiny else 8
@@ -107,7 +107,7 @@ def sec_native(ck: Any) -> dict[str, Any]:
 
 
 def sec_batched(ck: Any) -> dict[str, Any]:
-    from dynaguide.batched import BatchedRefiner
+    from dynaguide.batched_refine import BatchedRefiner
 
     cfg = ck.cfg(1000)
     sizes = (

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.benchmarking import summarize, time_calls, write_results
+from dynaguide.bench_utils import summarize, time_calls, write_results
 
 H, W = 321, 481
 

@@ -33,7 +33,7 @@ import torch
 from skimage.measure import label as sk_label
 from skimage.segmentation import relabel_sequential as sk_relabel
 
-from dynaguide import native
+from dynaguide import label_ops as native
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 "relabel_sequential",
                 size,
                 "native",
-                lambda s=sparse: native.relabel_sequential(s, backend="native"),
+                lambda s=sparse: native.relabel_compact(s, backend="native"),
                 "np.unique",
             )
             for conn in (4, 8):

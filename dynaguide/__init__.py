@@ -17,11 +17,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from dynaguide.api import segment
 from dynaguide.backend import env_report
-from dynaguide.batch import segment_batch
-from dynaguide.batched import refine_batch
+from dynaguide.batched_refine import refine_batch
 from dynaguide.config import RefineConfig, get_preset, presets
 from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
-from dynaguide.native import connected_components, relabel_sequential
+from dynaguide.label_ops import connected_components, relabel_compact, relabel_sequential
+from dynaguide.segment_many import segment_batch
 from dynaguide.segmentation import Segmentation, label_colors
 
 try:
@@ -43,6 +43,7 @@ __all__ = [
     "presets",
     "refine_batch",
     "register_guide",
+    "relabel_compact",
     "relabel_sequential",
     "segment",
     "segment_batch",

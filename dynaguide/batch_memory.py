@@ -1,5 +1,5 @@
 """How many images fit: the per-image memory estimate of a training iteration and the
-automatic batch size of :func:`dynaguide.batched.refine_batch` (``batch_size="auto"``)."""
+automatic batch size of :func:`dynaguide.batched_refine.refine_batch` (``batch_size="auto"``)."""
 
 from __future__ import annotations
 

@@ -16,18 +16,18 @@ Three sections, each a ratio measured in the same process on the same inputs:
     the default path (channels-last convolutions, the dispatcher's loss backend) against
     the reference path (NCHW, ``backend="torch"``). Floor: the convolution FLOPs
     (:func:`dynaguide.model.conv_flops_per_pixel`) over the matmul rate measured in the
-    same run (:func:`dynaguide.benchmarking.matmul_rate`, bf16 on CUDA, fp32 on CPU).
+    same run (:func:`dynaguide.bench_utils.matmul_rate`, bf16 on CUDA, fp32 on CPU).
 (c) throughput
     Images per second over BSDS500 val images (``--limit``, ``--scale``,
     ``--max-iter``, the preset's default guide computed beforehand and not timed):
-    :func:`dynaguide.batched.refine_batch` against one :func:`dynaguide.refine.refine`
+    :func:`dynaguide.batched_refine.refine_batch` against one :func:`dynaguide.refine.refine`
     after another. Both give the same results (the run counts the images whose labels
     are identical); the floor is the FLOPs of all the iterations actually run over the
     matmul rate.
 
 Results go to ``benchmarks/results/bench-<device>.json`` (``bench-tiny-<device>.json``
 with ``--tiny``, so a smoke run never overwrites real figures) via
-:func:`dynaguide.benchmarking.write_results`.
+:func:`dynaguide.bench_utils.write_results`.
 
     dynaguide bench --device cuda
     dynaguide bench --tiny --out /tmp/bench          # < 1 min on 2 CPU cores
@@ -146,7 +146,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
         help="kernel, per-iteration and throughput speedups on this device",
-        description=__doc__.split("\n\n", 1)[0] + " See `dynaguide.bench` for the sections.",
+        description=__doc__.split("\n\n", 1)[0] + " See `dynaguide.bench_cli` for the sections.",
     )
     add_arguments(p)
     p.set_defaults(func=run, _parser=p)
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dynaguide.api import build_config, resolve_device
-    from dynaguide.benchmarking import environment, matmul_rate, write_results
+    from dynaguide.bench_utils import environment, matmul_rate, write_results
     from dynaguide.guidance import compute_guide_labels
 
     parser: argparse.ArgumentParser | None = getattr(args, "_parser", None)

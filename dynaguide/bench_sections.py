@@ -1,6 +1,6 @@
 """The measurements of ``dynaguide bench``: (a) the objective, (b) one training iteration,
 (c) batched throughput; each returns a JSON-ready dict. The command line and the report
-are :mod:`dynaguide.bench`.
+are :mod:`dynaguide.bench_cli`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- helpers
 def _median(seconds: list[float]) -> float:
-    from dynaguide.benchmarking import summarize
+    from dynaguide.bench_utils import summarize
 
     return summarize(seconds)["median"]
 
@@ -33,7 +33,7 @@ def copy_rate(device: Any, *, nbytes: int = 256 * 2**20, repeats: int = 5) -> fl
     """Measured memory bandwidth in bytes/s: a device-to-device copy reads and writes ``nbytes``."""
     import torch
 
-    from dynaguide.benchmarking import time_calls
+    from dynaguide.bench_utils import time_calls
 
     a = torch.empty(nbytes // 4, device=device).uniform_()
     b = torch.empty_like(a)
@@ -87,7 +87,7 @@ def bench_losses(config: Any, device: Any, size: tuple[int, int], repeats: int) 
     """Section (a): fused fast path vs the torch composite, forward + backward."""
     import torch
 
-    from dynaguide.benchmarking import summarize, time_calls
+    from dynaguide.bench_utils import summarize, time_calls
 
     fast, why = _loss_fast_path(device)
     h, w = size
@@ -124,7 +124,7 @@ def bench_image(
     image: Any, guide: Any, config: Any, device: Any, repeats: int, rate: float
 ) -> dict[str, Any]:
     """Section (b): one training iteration, default path vs torch reference path."""
-    from dynaguide.benchmarking import summarize, time_calls
+    from dynaguide.bench_utils import summarize, time_calls
     from dynaguide.model import conv_flops_per_pixel
     from dynaguide.refine import RefineStep
 
@@ -152,12 +152,12 @@ def bench_step(
     """One training iteration of N same-size images: N solo steps vs one batched step.
 
     Paths: ``sequential`` (N :class:`dynaguide.refine.RefineStep` steps, channels-last),
-    ``grouped`` (one :class:`dynaguide.batched.BatchedRefiner` step, channels-last),
+    ``grouped`` (one :class:`dynaguide.batched_refine.BatchedRefiner` step, channels-last),
     ``grouped_nchw`` (the same in NCHW, the layout vmap needs) and ``vmap``
     (``torch.func.vmap`` over ``functional_call``). Seconds per iteration of all N images.
     """
-    from dynaguide.batched import BatchedRefiner
-    from dynaguide.benchmarking import summarize, time_calls
+    from dynaguide.batched_refine import BatchedRefiner
+    from dynaguide.bench_utils import summarize, time_calls
     from dynaguide.refine import RefineStep
 
     config = config.replace(max_iter=repeats + 2)  # room in the histories for every call
@@ -231,8 +231,8 @@ def bench_throughput(
     import torch
 
     from dynaguide.batch_memory import auto_batch_size
-    from dynaguide.batched import refine_batch
-    from dynaguide.benchmarking import summarize
+    from dynaguide.batched_refine import refine_batch
+    from dynaguide.bench_utils import summarize
     from dynaguide.model import conv_flops_per_pixel
     from dynaguide.refine import refine
 

@@ -179,12 +179,12 @@ register("fused_objective", "torch", "dynaguide.objective:objective_reference")
 register("fused_objective", "triton", "dynaguide.kernels:dynaguide_loss")
 # The label ops branch on the chosen backend's name; the registered target is the kernel
 # that branch calls (numpy/torch for the fallback, the extension's entry point for native).
-register("relabel_sequential", "torch", "torch:unique")
+register("relabel_compact", "torch", "torch:unique")
 register(
-    "relabel_sequential",
+    "relabel_compact",
     "native",
     "dynaguide._native:relabel_sequential",
-    can_run=_cpu_only("relabel_sequential"),
+    can_run=_cpu_only("relabel_compact"),
 )
 register("connected_components", "torch", "skimage.measure:label")
 register(

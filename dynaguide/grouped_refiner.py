@@ -9,7 +9,7 @@ applies the stopping rules with one host transfer; slots leave and join between 
 (:meth:`~BatchedRefiner.rebuild`). The losses are computed per image (``reduction="none"``)
 and summed: the gradient of the sum with respect to image i's parameters is image i's
 solo gradient, since no other image's loss depends on them. The driver is
-:func:`dynaguide.batched.refine_batch`.
+:func:`dynaguide.batched_refine.refine_batch`.
 """
 
 from __future__ import annotations

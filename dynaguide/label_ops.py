@@ -3,13 +3,14 @@
 Two operations, each accepting numpy arrays or torch tensors and returning the same
 kind (torch results stay on the input's device):
 
-* :func:`relabel_sequential` -- renumber an integer label map to ``0..K-1``.
+* :func:`relabel_compact` -- renumber an integer label map to ``0..K-1`` (returns the map
+  and K; :func:`relabel_sequential` is its deprecated former name).
 * :func:`connected_components` -- split a label map into 4- or 8-connected regions of
   equal value.
 
 Dispatch (see :mod:`dynaguide.dispatch`): the C++ kernels run CPU inputs when the
 extension is built; CUDA tensors go to its CUDA kernels when it was compiled with CUDA
-and its runtime sees a device (``relabel_sequential`` has no CUDA kernel and always
+and its runtime sees a device (``relabel_compact`` has no CUDA kernel and always
 uses ``torch.unique`` there). Otherwise a numpy/torch implementation with the same
 results runs. ``backend="native"`` (or ``DYNAGUIDE_BACKEND=native``) forces the
 extension and raises :class:`~dynaguide.backend.BackendUnavailableError` when it cannot
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import warnings
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -31,7 +33,7 @@ import torch
 from dynaguide import backend as _backend
 from dynaguide import dispatch
 
-__all__ = ["connected_components", "native_module", "relabel_sequential"]
+__all__ = ["connected_components", "native_module", "relabel_compact", "relabel_sequential"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 _INT32_LIMIT = 2**31
@@ -94,14 +96,16 @@ def _check_int_labels(labels: Any, name: str, ndims: tuple[int, ...]) -> str:
     return kind
 
 
-# ------------------------------------------------------------------ relabel_sequential
-def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
+# ------------------------------------------------------------------ relabel_compact
+def relabel_compact(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
     """Renumber an integer label map to ``0..K-1`` in increasing order of the values.
 
     The value ``v`` becomes its rank among the distinct values of ``labels``:
     the smallest present value maps to 0, the largest to ``K - 1``. This is
-    ``skimage.segmentation.relabel_sequential`` with offset 0 and without its special
-    background 0, and equals ``np.unique(labels, return_inverse=True)``. Negative
+    the relabelled map of ``skimage.segmentation.relabel_sequential`` with offset 0 and
+    without its special background 0 (that function also returns the forward and inverse
+    maps; this one returns the map and K), and equals ``np.unique(labels,
+    return_inverse=True)``. Negative
     values are allowed and rank like any other (so ``-1`` sorts before ``0``).
 
     Parameters
@@ -131,7 +135,7 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
     Examples
     --------
     >>> import numpy as np
-    >>> compact, k = relabel_sequential(np.array([[7, 7, 3], [-2, 3, 100]]))
+    >>> compact, k = relabel_compact(np.array([[7, 7, 3], [-2, 3, 100]]))
     >>> compact
     array([[2, 2, 1],
            [0, 1, 3]], dtype=int32)
@@ -142,7 +146,7 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
     n = labels.size if kind == "numpy" else labels.numel()
     big = n >= _INT32_LIMIT
     device_type = labels.device.type if kind == "torch" else "cpu"
-    choice = _choose("relabel_sequential", device_type, backend)
+    choice = _choose("relabel_compact", device_type, backend)
     if kind == "numpy":
         out_dtype = np.int64 if big else np.int32
         if choice == "native":
@@ -161,6 +165,22 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
         return out_t.reshape(labels.shape), int(k)
     uniq_t, inverse_t = torch.unique(src_t, sorted=True, return_inverse=True)
     return inverse_t.reshape(labels.shape).to(out_dtype_t), int(uniq_t.numel())
+
+
+def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
+    """Deprecated name of :func:`relabel_compact` (same arguments and result).
+
+    The name is scikit-image's, whose function returns ``(relabeled, forward_map,
+    inverse_map)``; this one returns ``(compact, K)``. Warns ``DeprecationWarning``.
+    """
+    warnings.warn(
+        "dynaguide.relabel_sequential is deprecated: use dynaguide.relabel_compact (same "
+        "result, (compact, K)); skimage.segmentation.relabel_sequential, whose name it "
+        "borrowed, returns (relabeled, forward_map, inverse_map)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return relabel_compact(labels, backend=backend)
 
 
 # ----------------------------------------------------------------- connected components

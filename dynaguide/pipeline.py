@@ -31,7 +31,7 @@ from dynaguide.config import RefineConfig
 from dynaguide.errors import RefinementDivergedError
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image, reduce_for_resize
-from dynaguide.native import relabel_sequential
+from dynaguide.label_ops import relabel_compact
 from dynaguide.postprocess import postprocess
 from dynaguide.refine import RefineResult, image_tensor
 from dynaguide.segmentation import Segmentation
@@ -253,7 +253,7 @@ def finish(
         merge=config.merge,
         threshold=config.merge_threshold,
     )
-    compact, k = relabel_sequential(labels.astype(np.int64))
+    compact, k = relabel_compact(labels.astype(np.int64))
     full = prepared.rgb.shape[:2]
     guide = prepared.guide_labels
     extra: dict[str, Any] = {

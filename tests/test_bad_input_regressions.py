@@ -280,9 +280,9 @@ def test_connected_components_connectivity_types() -> None:
     from dynaguide.backend import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="backend"):  # documented
-        dynaguide.relabel_sequential(lab, backend="cuda")
+        dynaguide.relabel_compact(lab, backend="cuda")
     with pytest.raises(TypeError, match="backend"):
-        dynaguide.relabel_sequential(lab, backend=3)
+        dynaguide.relabel_compact(lab, backend=3)
 
 
 def test_bsds_scores_with_uint64_labels_above_2_63() -> None:

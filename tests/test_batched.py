@@ -1,4 +1,4 @@
-"""Batched refinement equals refining every image alone (dynaguide.batched)."""
+"""Batched refinement equals refining every image alone (dynaguide.batched_refine)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynaguide.batched import (
+from dynaguide.batched_refine import (
     BatchedRefiner,
     auto_batch_size,
     estimate_refine_bytes,

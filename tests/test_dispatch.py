@@ -86,9 +86,9 @@ def test_resolution_rules(monkeypatch):
     with pytest.raises(TypeError, match="backend"):
         dispatch.resolve("similarity_loss", CPU, 3)
     with pytest.raises(BackendUnavailableError, match="no Triton implementation"):
-        dispatch.resolve("relabel_sequential", CPU, "triton")
+        dispatch.resolve("relabel_compact", CPU, "triton")
     monkeypatch.setenv("DYNAGUIDE_BACKEND", "triton")  # no Triton label ops: ignored there
-    assert dispatch.resolve("relabel_sequential", CPU).backend in ("native", "torch")
+    assert dispatch.resolve("relabel_compact", CPU).backend in ("native", "torch")
     monkeypatch.setattr(_backend, "available", lambda name: name == "torch")
     monkeypatch.setenv("DYNAGUIDE_BACKEND", "native")
     with pytest.raises(BackendUnavailableError, match="forced by DYNAGUIDE_BACKEND"):

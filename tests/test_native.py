@@ -1,4 +1,4 @@
-"""dynaguide.native: relabel_sequential, connected_components.
+"""dynaguide.label_ops: relabel_compact, connected_components.
 
 Oracles: ``skimage.segmentation.relabel_sequential`` / ``np.unique`` for relabelling,
 ``scipy.ndimage.label`` (per label value) for connected components.
@@ -13,8 +13,9 @@ import scipy.ndimage as ndi
 import torch
 from skimage.segmentation import relabel_sequential as sk_relabel
 
+import dynaguide
 from dynaguide import backend as _backend
-from dynaguide import native
+from dynaguide import label_ops as native
 
 HAS_NATIVE = _backend.available("native")
 BACKENDS = [
@@ -38,14 +39,14 @@ def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
-# ------------------------------------------------------------------ relabel_sequential
+# ------------------------------------------------------------------ relabel_compact
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("shape", [*SHAPES, (5,), (3, 4, 5)])
 def test_relabel_matches_skimage(rng, backend, kind, shape):
     k_max = int(rng.integers(1, 50))
     lab = rng.integers(0, k_max, size=shape) * int(rng.integers(1, 7))
-    compact, k = native.relabel_sequential(_to(kind, lab), backend=backend)
+    compact, k = native.relabel_compact(_to(kind, lab), backend=backend)
     assert isinstance(compact, torch.Tensor if kind == "torch" else np.ndarray)
     assert isinstance(k, int)
     expected = sk_relabel(lab + 1)[0] - 1  # shift: skimage keeps 0 as background
@@ -61,12 +62,12 @@ def test_relabel_dtypes_negative_and_sparse(rng, backend, dtype):
     # Extremes of the dtype (sparse values: the sort path) and a dense small range.
     pool = np.array([info.min, info.max, 0, 1, info.max - 1, info.min + 3], dtype=dtype)
     lab = rng.choice(pool, size=(13, 17))
-    compact, k = native.relabel_sequential(lab, backend=backend)
+    compact, k = native.relabel_compact(lab, backend=backend)
     uniq, inverse = np.unique(lab, return_inverse=True)
     np.testing.assert_array_equal(compact, inverse.reshape(lab.shape))
     assert k == uniq.size
     dense = (rng.integers(-5 if info.min < 0 else 0, 9, size=(7, 9))).astype(dtype)
-    compact, k = native.relabel_sequential(dense, backend=backend)
+    compact, k = native.relabel_compact(dense, backend=backend)
     uniq, inverse = np.unique(dense, return_inverse=True)
     np.testing.assert_array_equal(compact, inverse.reshape(dense.shape))
     assert k == uniq.size
@@ -75,7 +76,7 @@ def test_relabel_dtypes_negative_and_sparse(rng, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relabel_negative_values_rank_first(backend):
     lab = np.array([[3, -1, -7], [3, 0, -1]])
-    compact, k = native.relabel_sequential(lab, backend=backend)
+    compact, k = native.relabel_compact(lab, backend=backend)
     np.testing.assert_array_equal(compact, [[3, 1, 0], [3, 2, 1]])
     assert k == 4
 
@@ -84,12 +85,12 @@ def test_relabel_negative_values_rank_first(backend):
 def test_relabel_non_contiguous_and_readonly(rng):
     lab = rng.integers(0, 20, size=(30, 40))[::2, ::-3]
     lab.flags.writeable = False
-    compact, _ = native.relabel_sequential(lab, backend="native")
+    compact, _ = native.relabel_compact(lab, backend="native")
     np.testing.assert_array_equal(
         compact, np.unique(lab, return_inverse=True)[1].reshape(lab.shape)
     )
     big_endian = rng.integers(0, 9, size=(5, 6)).astype(">i4")
-    compact, _ = native.relabel_sequential(big_endian, backend="native")
+    compact, _ = native.relabel_compact(big_endian, backend="native")
     np.testing.assert_array_equal(
         compact, np.unique(big_endian, return_inverse=True)[1].reshape(5, 6)
     )
@@ -165,15 +166,15 @@ def test_cc_dtypes(rng, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs(backend):
     with pytest.raises(TypeError, match="labels must be a numpy array or a torch tensor"):
-        native.relabel_sequential([[1, 2]], backend=backend)
+        native.relabel_compact([[1, 2]], backend=backend)
     with pytest.raises(TypeError, match="labels must have an integer dtype"):
-        native.relabel_sequential(np.zeros((2, 2)), backend=backend)
+        native.relabel_compact(np.zeros((2, 2)), backend=backend)
     with pytest.raises(TypeError, match="labels must have an integer dtype"):
-        native.relabel_sequential(torch.zeros(2, 2, dtype=torch.bool), backend=backend)
+        native.relabel_compact(torch.zeros(2, 2, dtype=torch.bool), backend=backend)
     with pytest.raises(ValueError, match="labels must be"):
-        native.relabel_sequential(np.array(3), backend=backend)
+        native.relabel_compact(np.array(3), backend=backend)
     with pytest.raises(ValueError, match="labels is empty"):
-        native.relabel_sequential(np.zeros((0, 4), dtype=np.int32), backend=backend)
+        native.relabel_compact(np.zeros((0, 4), dtype=np.int32), backend=backend)
     with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
         native.connected_components(np.zeros((2, 2), np.int32), 6, backend=backend)
     with pytest.raises(ValueError, match="labels must be 2-D or 3-D"):
@@ -187,22 +188,22 @@ def test_bad_inputs(backend):
 def test_backend_selection(monkeypatch):
     lab = np.array([[2, 5], [5, 9]])
     with pytest.raises(_backend.BackendUnavailableError, match="no Triton implementation"):
-        native.relabel_sequential(lab, backend="triton")
+        native.relabel_compact(lab, backend="triton")
     with pytest.raises(_backend.BackendUnavailableError, match="not one of"):
-        native.relabel_sequential(lab, backend="cython")
+        native.relabel_compact(lab, backend="cython")
     # DYNAGUIDE_BACKEND=triton does not apply to these ops: they still run.
     monkeypatch.setenv("DYNAGUIDE_BACKEND", "triton")
-    assert native.relabel_sequential(lab)[1] == 3
+    assert native.relabel_compact(lab)[1] == 3
     # Without the extension, forcing native raises; otherwise the fallback runs.
     monkeypatch.setattr(_backend, "available", lambda name: name == "torch")
     monkeypatch.setenv("DYNAGUIDE_BACKEND", "native")
     with pytest.raises(_backend.BackendUnavailableError, match="forced"):
-        native.relabel_sequential(lab)
+        native.relabel_compact(lab)
     with pytest.raises(_backend.BackendUnavailableError, match="forced"):
         native.connected_components(lab)
     monkeypatch.delenv("DYNAGUIDE_BACKEND")
     assert native.native_module() is None
-    np.testing.assert_array_equal(native.relabel_sequential(lab)[0], [[0, 1], [1, 2]])
+    np.testing.assert_array_equal(native.relabel_compact(lab)[0], [[0, 1], [1, 2]])
     np.testing.assert_array_equal(native.connected_components(lab, 4), [[0, 1], [2, 3]])
     np.testing.assert_array_equal(native.connected_components(lab, 8), [[0, 1], [1, 2]])
 
@@ -258,3 +259,12 @@ def test_cuda_scratch_comes_from_torch_and_is_checked():
     stream = torch.cuda.current_stream().cuda_stream
     with pytest.raises(ValueError, match="scratch has 16 bytes"):
         mod.connected_components_cuda(labels, out, 8, small, stream)
+
+
+def test_relabel_sequential_is_a_deprecated_alias(rng):
+    lab = rng.integers(-3, 9, size=(5, 6))
+    with pytest.warns(DeprecationWarning, match="relabel_compact"):
+        old = dynaguide.relabel_sequential(lab)
+    new = dynaguide.relabel_compact(lab)
+    np.testing.assert_array_equal(old[0], new[0])
+    assert old[1] == new[1]

@@ -9,7 +9,7 @@ import torch
 from dynaguide import native_objective
 from dynaguide.config import get_preset
 from dynaguide.guidance.align import IGNORE_INDEX
-from dynaguide.native import native_module
+from dynaguide.label_ops import native_module
 from dynaguide.refine import objective
 
 pytestmark = pytest.mark.skipif(

@@ -121,7 +121,7 @@ def relabel_connected_components(labels: np.ndarray, *, connectivity: int = 8) -
     -------
     ndarray (H, W) int32, labels 0..n-1 (one per connected component).
     """
-    from dynaguide.native import connected_components as _cc
+    from dynaguide.label_ops import connected_components as _cc
 
     labels = as_label_map(labels, "labels")
     if connectivity not in (4, 8):
