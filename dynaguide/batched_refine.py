@@ -2,24 +2,10 @@
 
 Every image still gets its *own* network, optimiser state, labels, K, dynamic weight,
 guidance alignment and stopping rules, as :func:`dynaguide.refine.refine` would give it;
-only the arithmetic is shared. N networks of the same architecture become one:
-
-* each 3x3 / 1x1 convolution is a grouped convolution with ``groups=N`` over the N images
-  stacked along the channel axis (input ``(1, 3N, H, W)``, weight ``(N*out, in, k, k)``);
-* each BatchNorm runs over ``N*C`` channels with a batch dimension of 1, so every channel
-  is normalised with the statistics of its own image: exactly the per-image statistics
-  of a solo network (whose batch is also one image);
-* the losses are computed per image (``reduction="none"``) on the ``(N, C, H, W)``
-  response and *summed*: the gradient of the sum with respect to image i's parameters is
-  image i's solo gradient, since no other image's loss depends on them;
-* SGD's momentum and weight decay are elementwise, so the grouped parameters evolve
-  exactly as the N solo ones would.
-
-Parameters are stored stacked, one leaf tensor per solo parameter with a leading image
-axis (``(N, *shape)``; conv weights in channels-last order when ``channels_last``). The
-grouped weights are views of these leaves, so leaving and joining the batch is a slice /
-concatenation of the leaves *and* of the SGD momentum buffers (a newcomer gets a zero
-buffer, which SGD turns into ``0 * momentum + grad = grad``: its solo first step). Images
+only the arithmetic is shared: the N networks become one grouped network
+(:mod:`dynaguide.grouped_net`: grouped convolutions, per-image BatchNorm channels,
+elementwise SGD), and the losses are computed per image and summed, so each image's
+parameters get exactly its solo gradient. Images
 that stop leave the batch at the next stopping check, and images waiting in the queue
 take their places, so the device stays full.
 
@@ -39,16 +25,8 @@ the tests' small images every label and K is identical; on 6 BSDS500 images at 6
 10 iterations all K histories were identical and 1 pixel of 36,864 differed (loss
 histories within 4e-5 relative).
 
-``method="vmap"`` computes the same forward with :func:`torch.func.vmap` over
-:func:`torch.func.functional_call` on the stacked parameters; it exists to compare the two
-formulations (``benchmarks/throughput.py``). The grouped form is the default: vmap
-needs NCHW (see below) and was no faster than NCHW grouped convolutions on CPU, both about
-1.7x slower than channels-last grouped ones. vmap over BatchNorm in training mode is
-correct only when the vmapped dimension is not interleaved with the channels: with
-channels-last weights the activations under vmap have exactly that layout, and
-``batch_norm``'s backward then returns wrong input gradients (forward correct; torch
-2.13, reproduced with ``vmap(F.batch_norm)`` alone on an input of strides
-``(C, 3C, 1, ...)``). So ``method="vmap"`` runs NCHW only and refuses ``channels_last=True``.
+``method="vmap"`` (:func:`torch.func.vmap` over the stacked parameters) exists to
+compare the two formulations; it runs NCHW only (see :mod:`dynaguide.grouped_net`).
 
 Host synchronisation: on CUDA nothing in an iteration waits for the host (K, the dynamic
 weight, the loss and K histories stay on the device); the stopping rules are checked every

@@ -129,7 +129,8 @@ def resolve(op: str, device: torch.device | str, requested: str | None = None) -
     if choice is not None:
         if choice not in entries:
             raise _backend.BackendUnavailableError(
-                f"{op} has no {_TITLE[choice]} implementation (has {tuple(entries)})"
+                f"backend {choice!r} was requested, but {op} has no {_TITLE[choice]} "
+                f"implementation (it has {', '.join(entries)})"
             )
         why = _why_not(choice, entries[choice], dev)
         if why is not None:

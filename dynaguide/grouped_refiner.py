@@ -21,14 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynaguide.batch_memory import (  # noqa: F401 - public names of refine_batch's module
-    CUDA_RESERVE,
-    MAX_AUTO_BATCH,
-    MEMORY_FRACTION,
-    auto_batch_size,
-    estimate_refine_bytes,
-    free_memory,
-)
 from dynaguide.config import RefineConfig
 from dynaguide.grouped_net import GroupedNetwork, Method, check_method, merged_rows
 from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner

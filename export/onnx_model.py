@@ -14,6 +14,7 @@ Nothing here imports ``onnx`` or ``onnxruntime`` at module import time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -375,3 +376,14 @@ def temporary_onnx_path(stem: str) -> tuple[Path, Callable[[], None]]:
 
     folder = Path(tempfile.mkdtemp(prefix="dynaguide-onnx-"))
     return folder / f"{stem}.onnx", lambda: shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_fingerprint(folder: Path, extra: str = "") -> str:
+    """SHA-1 over ``extra`` and the names, sizes and modification times of the files of a
+    checkpoint folder: an export whose metadata holds it is up to date."""
+    h = hashlib.sha1(extra.encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()

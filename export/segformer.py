@@ -11,7 +11,6 @@ The guide that runs them is :class:`dynaguide.guidance.segformer.SegFormerGuide`
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from dynaguide.export.onnx_model import (
     METADATA_PREFIX,
     ExportReport,
     export_onnx,
+    folder_fingerprint,
     verify_image_model,
 )
 
@@ -88,12 +88,8 @@ def segformer_postprocess_model() -> bytes:
 
 
 def segformer_fingerprint(folder: Path) -> str:
-    h = hashlib.sha1()
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
+    """Fingerprint of a SegFormer checkpoint folder (its files' names, sizes and times)."""
+    return folder_fingerprint(folder)
 
 
 def export_segformer(

@@ -8,7 +8,6 @@ exporter allows, verified against torch on another size; the provider that runs 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from dynaguide.export.onnx_model import (
     METADATA_PREFIX,
     ExportReport,
     export_onnx,
+    folder_fingerprint,
     verify_image_model,
 )
 
@@ -38,12 +38,8 @@ __all__ = ["export_vit_attention", "vit_fingerprint"]
 
 
 def vit_fingerprint(folder: Path, extra: str) -> str:
-    h = hashlib.sha1(extra.encode())
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
+    """Fingerprint of a ViT checkpoint folder and the exported layers (``extra``)."""
+    return folder_fingerprint(folder, extra)
 
 
 def export_vit_attention(

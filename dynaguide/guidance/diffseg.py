@@ -1,32 +1,15 @@
-"""DiffSeg-style attention merging over any self-attention provider (SPEC §5).
+"""The DiffSeg guide (Tian et al., CVPR 2024): attention maps of any provider, merged into
+pseudo-labels.
 
-The algorithm (Tian et al., CVPR 2024), with every size a parameter:
-
-1. **Aggregate** (§5.2) self-attention maps given at one or more resolutions into one
-   tensor ``A`` of shape (Gh, Gw, Gh, Gw): average over heads, bilinearly upsample each
-   query's key map to (Gh, Gw) and renormalise it to sum to 1, tile the query axes
-   (nearest), and sum with weights proportional to the resolution (``sqrt(tokens)``).
-2. **Merge** (§5.3). Iteration 0 compares the anchor maps of a grid of query positions
-   with all Gh*Gw maps by symmetric KL, ``D(a, b) = KL(a||b)/2 + KL(b||a)/2``, and each
-   anchor's proposal is the mean of the maps with ``D < tau_0``. Iterations 1..N-1 walk
-   the proposals in order, skip those already matched, and merge everything under
-   ``tau_i`` (including proposals matched earlier, as the reference code does).
-3. Optional **k-means refinement** initialised at the proposals.
-4. **NMS**: upsample the proposals bilinearly to the output size and take the argmax.
-
-The pairwise KL is computed with matrix products, never a Python loop over maps:
-``D = (S_p[:, None] + S_q[None, :] - P @ log(Q).T - (Q @ log(P).T).T) / 2`` with
-``S = sum p log p``; the query axis is processed in chunks so the temporaries stay under
-``chunk_elements`` numbers. Zero probabilities are clamped to the dtype's smallest normal
-number inside ``log`` (the reference adds no epsilon and can produce ``inf``).
-
-The merging is :mod:`dynaguide.guidance.attention_merge`; the attention providers are
-:mod:`dynaguide.guidance.vit_attention` (:class:`ViTAttention` reads a local Hugging Face ViT / DINO /
-DINOv2 (with or without registers) checkpoint folder or its ONNX export (see
-:func:`dynaguide.export.export_vit_attention`) and returns the patch-token self-attention (CLS and register
-tokens dropped, rows renormalised over the patch keys, chosen layers averaged over heads
-and layers); any callable ``image -> list of maps`` works as a provider). The ONNX export
-of a ViT's attention is :func:`dynaguide.export.export_vit_attention`.
+:class:`DiffSegGuide` takes the self-attention maps of an image from a provider and runs
+:func:`diffseg_segment` on them. The pieces: aggregation, symmetric-KL merging
+(:mod:`dynaguide.guidance.attention_merge`), k-means refinement and NMS
+(:mod:`dynaguide.guidance.attention_labels`); the attention providers
+(:mod:`dynaguide.guidance.vit_attention`: :class:`ViTAttention` reads a local Hugging Face
+ViT / DINO / DINOv2 checkpoint folder or its ONNX export, and any callable
+``image -> list of maps`` works); the export of a ViT's attention to ONNX is
+:func:`dynaguide.export.export_vit_attention`. The names of those modules are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -48,7 +31,6 @@ from dynaguide.guidance.attention_merge import (
     pairwise_symmetric_kl,
     tau_schedule,
 )
-from dynaguide.guidance.base import available_guides, register_guide
 from dynaguide.guidance.pretrained import (
     check_rgb_image,
 )
@@ -179,7 +161,9 @@ class DiffSegGuide:
         )
 
 
-def _diffseg_factory(checkpoint: str | os.PathLike | None = None, **options: Any) -> DiffSegGuide:
+def diffseg_guide_factory(
+    checkpoint: str | os.PathLike | None = None, **options: Any
+) -> DiffSegGuide:
     """Registry factory: ``get_guide("diffseg", checkpoint=PATH, **options)``."""
     if checkpoint is None and options.get("provider") is None:
         raise ValueError(
@@ -187,13 +171,3 @@ def _diffseg_factory(checkpoint: str | os.PathLike | None = None, **options: Any
             "(or provider=<callable>), e.g. guidance_options={'checkpoint': 'dino-vits16/'}"
         )
     return DiffSegGuide(checkpoint, **options)
-
-
-if "diffseg" not in available_guides():
-    register_guide(
-        "diffseg",
-        _diffseg_factory,
-        description="DiffSeg attention merging over ViT/DINO/DINOv2 self-attention "
-        "via ONNX Runtime "
-        "(options: checkpoint=folder or .onnx, tau, num_points, layers, size, refine)",
-    )

@@ -27,6 +27,7 @@ import torch
 from dynaguide.errors import ModelFileError, first_line
 from dynaguide.export.onnx_model import METADATA_PREFIX
 from dynaguide.export.ort_session import DEVICES
+from dynaguide.guidance.base import check_rgb_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,22 +156,16 @@ def read_checkpoint_config(
 # --------------------------------------------------------------------------------------
 
 
-def check_rgb_image(image: Any, name: str) -> np.ndarray:
-    """Return ``image`` if it is a non-empty (H, W, 3) uint8 array, else raise ValueError."""
-    if not (
-        isinstance(image, np.ndarray)
-        and image.ndim == 3
-        and image.shape[2] == 3
-        and image.dtype == np.uint8
-    ):
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise ValueError(
-            f"{name} expects an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"{name} got an empty image of shape {image.shape}")
-    return image
+def read_preprocessor_config(folder: str | os.PathLike) -> tuple[Any, Path] | None:
+    """The parsed ``preprocessor_config.json`` of a checkpoint folder and its path, or None
+    when the folder has none; ModelFileError when it cannot be read."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()), path
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read {str(path)!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -250,13 +245,10 @@ class ImagePreprocessor:
         ``rescale_factor``, ``resample``, ``do_resize``, ``do_rescale``, ``do_normalize``.
         """
         base = defaults or cls()
-        path = Path(folder) / "preprocessor_config.json"
-        if not path.is_file():
+        found = read_preprocessor_config(folder)
+        if found is None:
             return base
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"cannot read {str(path)!r}: {exc}") from exc
+        cfg, path = found
         return base.updated(cfg, source=str(path))
 
     def updated(self, cfg: Mapping[str, Any], *, source: str = "config") -> ImagePreprocessor:

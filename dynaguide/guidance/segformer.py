@@ -36,7 +36,6 @@ from dynaguide.export.onnx_model import (
     temporary_onnx_path,
 )
 from dynaguide.export.ort_session import OrtSession
-from dynaguide.guidance.base import available_guides, register_guide
 from dynaguide.guidance.pretrained import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -267,7 +266,7 @@ class SegFormerGuide:
         )
 
 
-def _segformer_factory(
+def segformer_guide_factory(
     checkpoint: str | os.PathLike | None = None, **options: Any
 ) -> SegFormerGuide:
     """Registry factory: ``get_guide("segformer", checkpoint=PATH, **options)``."""
@@ -277,12 +276,3 @@ def _segformer_factory(
             "e.g. guidance_options={'checkpoint': 'segformer-b2-ade/'}"
         )
     return SegFormerGuide(checkpoint, **options)
-
-
-if "segformer" not in available_guides():
-    register_guide(
-        "segformer",
-        _segformer_factory,
-        description="SegFormer class ids via ONNX Runtime "
-        "(options: checkpoint=folder or .onnx, device, backend)",
-    )

@@ -37,6 +37,7 @@ from dynaguide.guidance.pretrained import (
     check_rgb_image,
     load_pretrained,
     read_checkpoint_config,
+    read_preprocessor_config,
     require_transformers,
     resolve_torch_device,
 )
@@ -175,13 +176,10 @@ def vit_preprocessor(folder: str | os.PathLike, model_type: str) -> ImagePreproc
         base = ImagePreprocessor(size=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     else:
         base = ImagePreprocessor(size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3)
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
+    found = read_preprocessor_config(folder)
+    if found is None:
         return base
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"cannot read {str(path)!r}: {exc}") from None
+    cfg, path = found
     if isinstance(cfg, dict):
         cfg.pop("size", None)
     return base.updated(cfg, source=str(path))
