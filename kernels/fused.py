@@ -624,5 +624,7 @@ def dynaguide_loss(
         t = check_target(target, lay)
         if validate and opts["guidance_weight"] != 0:
             check_target_values(t, lay.c, opts["ignore_index"])
-    loss, labels, k = DynaGuideLossFunction.apply(response, target, kt, {**opts, "k_min_scalar": ks})
+    loss, labels, k = DynaGuideLossFunction.apply(
+        response, target, kt, {**opts, "k_min_scalar": ks}
+    )
     return DynaGuideLoss(loss, labels, k)
