@@ -158,9 +158,12 @@ class Stopper:
                 bool(d) and (s is None or i - s >= cfg.convergence_window)
                 for d, s, i in zip(due, self.snap_iter, its, strict=True)
             ]
-            rows.append((labels != self.snapshot).float().mean(dim=(1, 2)).double())
-            mask = torch.tensor(snap_update, device=dev).view(-1, 1, 1)
-            self.snapshot = torch.where(mask, labels, self.snapshot)
+            if any(snap_update):  # compare and snapshot only where a window has passed
+                rows.append((labels != self.snapshot).float().mean(dim=(1, 2)).double())
+                mask = torch.tensor(snap_update, device=dev).view(-1, 1, 1)
+                self.snapshot = torch.where(mask, labels, self.snapshot)
+            else:
+                rows.append(torch.zeros(n, dtype=torch.float64, device=dev))
         col = hi.unsqueeze(1)
         rows += [hist_loss.gather(1, col)[:, 0].double(), hist_k.gather(1, col)[:, 0].double()]
         table = torch.stack(rows).cpu().tolist()  # the one host synchronisation
