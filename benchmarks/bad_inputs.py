@@ -540,16 +540,16 @@ def _native_cases() -> list[Case]:
     cases = []
     for label, value in (("float", np.zeros((4, 4))), ("0-D", np.array(3)), ("empty", np.zeros((0, 4), int)),
                          ("a list", [[1, 2]]), ("None", None), ("complex", np.zeros((4, 4), complex))):  # fmt: skip
-        cases.append(Case(f"relabel_sequential({label})", "native",
-                          lambda v=value: dg.relabel_sequential(v), ("labels",)))  # fmt: skip
+        cases.append(Case(f"relabel_compact({label})", "native",
+                          lambda v=value: dg.relabel_compact(v), ("labels",)))  # fmt: skip
         cases.append(Case(f"connected_components({label})", "native",
                           lambda v=value: dg.connected_components(v), ("labels",)))  # fmt: skip
     for v in (4.0, 6, "8", True, None):
         cases.append(Case(f"connected_components(x, {v!r})", "native",
                           lambda v=v: dg.connected_components(lab, v), ("connectivity",)))  # fmt: skip
     for v in (3, "cuda", "nope"):
-        cases.append(Case(f"relabel_sequential(x, backend={v!r})", "native",
-                          lambda v=v: dg.relabel_sequential(lab, backend=v), ("backend",)))  # fmt: skip
+        cases.append(Case(f"relabel_compact(x, backend={v!r})", "native",
+                          lambda v=v: dg.relabel_compact(lab, backend=v), ("backend",)))  # fmt: skip
     cases.append(Case("connected_components(1-D)", "native",
                       lambda: dg.connected_components(np.zeros(4, int)), ("labels",)))  # fmt: skip
     return cases

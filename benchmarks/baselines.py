@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--knobs", action="append", default=[], help="METHOD=V1,V2 (override)")
     args = ap.parse_args(argv)
-    from dynaguide.benchmarking import environment
+    from dynaguide.bench_utils import environment
     from dynaguide.eval import BSDS500Dataset
     from dynaguide.io import save_json
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from dynaguide import crf
-from dynaguide.benchmarking import summarize, time_calls, write_results
-from dynaguide.native import native_module
+from dynaguide.bench_utils import summarize, time_calls, write_results
+from dynaguide.label_ops import native_module
 
 VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "val" / "images"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refine_cpu import VAL, AuthorsLoop
 
 import dynaguide as dg
-from dynaguide.benchmarking import summarize, write_results
+from dynaguide.bench_utils import summarize, write_results
 from dynaguide.config import get_preset
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image

@@ -59,7 +59,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # --tiny runs the fused kernels on CPU
 
-from dynaguide.benchmarking import environment, summarize, time_calls
+from dynaguide.bench_utils import environment, summarize, time_calls
 from dynaguide.config import get_preset
 
 HERE = Path(__file__).resolve().parent
@@ -183,7 +183,7 @@ def sec_env(ck: Check) -> dict[str, Any]:
             "memory_GiB": p.total_memory / 2**30,
             "sms": p.multi_processor_count,
         }
-    from dynaguide.native import native_module
+    from dynaguide.label_ops import native_module
 
     mod = native_module()
     out["native_built"] = mod is not None

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.benchmarking import matmul_rate, summarize, time_calls
+from dynaguide.bench_utils import matmul_rate, summarize, time_calls
 from dynaguide.model import conv_flops_per_pixel
 
 
@@ -76,7 +76,7 @@ def sec_losses(ck: Any) -> dict[str, Any]:
 
 
 def sec_native(ck: Any) -> dict[str, Any]:
-    from dynaguide import native
+    from dynaguide import label_ops as native
 
     out: dict[str, Any] = {}
     n_img = 2 if ck.tiny else 8
@@ -87,18 +87,7 @@ def sec_native(ck: Any) -> dict[str, Any]:
         x = x.contiguous(memory_format=torch.channels_last)
         row: dict[str, Any] = {}
         if ck.cuda:
-            fast = native.argmax_relabel(x, backend="native", validate=False)
-            slow = native.argmax_relabel(x, backend="torch", validate=False)
-            row["argmax_equal"] = all(
-                bool(torch.equal(a, b)) for a, b in zip(fast, slow, strict=True)
-            )
-            row["argmax_native_s"] = ck.bench(
-                lambda x=x: native.argmax_relabel(x, backend="native", validate=False)
-            )
-            row["argmax_torch_s"] = ck.bench(
-                lambda x=x: native.argmax_relabel(x, backend="torch", validate=False)
-            )
-            lab = fast[0]
+            lab = x.argmax(1)
             for name, lm in (("argmax_labels", lab), ("uniform", torch.zeros_like(lab))):
                 cc = native.connected_components(lm, 8, backend="native")
                 cpu = native.connected_components(lm.cpu().numpy(), 8, backend="native")
@@ -109,13 +98,16 @@ def sec_native(ck: Any) -> dict[str, Any]:
                 host = lm.cpu().numpy()
                 row[f"cc_{name}_cpu_s"] = summarize(time_calls(lambda h=host: native.connected_components(h, 8), repeats=3))  # fmt: skip
         else:
-            row["argmax_cpu_s"] = ck.bench(lambda x=x: native.argmax_relabel(x, validate=False))
+            lab = x.argmax(1).numpy()
+            row["cc_argmax_labels_cpu_s"] = ck.bench(
+                lambda h=lab: native.connected_components(h, 8)
+            )
         out[f"{n}x{c}x{ck.h}x{ck.w}"] = row
     return out
 
 
 def sec_batched(ck: Any) -> dict[str, Any]:
-    from dynaguide.batched import BatchedRefiner
+    from dynaguide.batched_refine import BatchedRefiner
 
     cfg = ck.cfg(1000)
     sizes = (

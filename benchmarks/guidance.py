@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaguide.benchmarking import summarize, time_calls, write_results
+from dynaguide.bench_utils import summarize, time_calls, write_results
 
 H, W = 321, 481
 
@@ -88,6 +88,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import onnxruntime as ort
+    from dynaguide.export import export_segformer
+    from dynaguide.export.ort_session import OrtSession
 
     from dynaguide.guidance.diffseg import (
         DiffSegGuide,
@@ -95,8 +97,7 @@ def main() -> None:
         export_vit_attention,
         load_vit,
     )
-    from dynaguide.guidance.ort import OrtSession
-    from dynaguide.guidance.segformer import SegFormerGuide, export_segformer, load_segformer
+    from dynaguide.guidance.segformer import SegFormerGuide, load_segformer
 
     device = torch.device(args.device)
     if device.type == "cuda" and not (

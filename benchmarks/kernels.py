@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
 import dynaguide.kernels as K
 
 from dynaguide import losses
-from dynaguide.benchmarking import summarize, time_calls, write_results
+from dynaguide.bench_utils import summarize, time_calls, write_results
 
 NOT_PERF = "CPU interpreter (TRITON_INTERPRET=1): timings are NOT performance figures"
 

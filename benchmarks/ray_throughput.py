@@ -38,7 +38,7 @@ import torch
 
 import dynaguide
 from dynaguide.api import build_config
-from dynaguide.benchmarking import summarize, write_results
+from dynaguide.bench_utils import summarize, write_results
 from dynaguide.build_info import build_commit
 from dynaguide.model import conv_flops_per_pixel
 from dynaguide.rle import labels_to_rles
@@ -151,7 +151,7 @@ def _converged_outputs(paths: list[Path], tmp: Path) -> dict[str, Any]:
         gt = path.parent.parent / "gt" / f"{path.stem}.npz"
         if not gt.is_file():
             continue
-        compact, k = dynaguide.relabel_sequential(np.load(gt)["a0"].astype(np.int64))
+        compact, k = dynaguide.relabel_compact(np.load(gt)["a0"].astype(np.int64))
         rgb = dynaguide.io.load_image(path)
         seg = Segmentation(
             labels=compact.astype(np.int32), n_labels=int(k), n_iter=0, history={},
@@ -187,7 +187,7 @@ def _cpu_side_seconds(paths: list[Path], tmp: Path, repeats: int = 3) -> dict[st
         t = time.perf_counter()
         labels = np.asarray(guide(rgb))
         timings["kmeans_guide"].append(time.perf_counter() - t)
-        compact, k = dynaguide.relabel_sequential(labels.astype(np.int64))
+        compact, k = dynaguide.relabel_compact(labels.astype(np.int64))
         seg = Segmentation(
             labels=compact.astype(np.int32), n_labels=int(k), n_iter=0, history={},
             guide_labels=None, image=rgb, config={}, seconds=0.0, stop_reason="timing",

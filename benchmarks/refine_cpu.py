@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dynaguide import cpu_runtime
-from dynaguide.benchmarking import matmul_rate, summarize, write_results
+from dynaguide.bench_utils import matmul_rate, summarize, write_results
 from dynaguide.config import RefineConfig, get_preset
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image

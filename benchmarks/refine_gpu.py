@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynaguide.benchmarking import matmul_rate, write_results
+from dynaguide.bench_utils import matmul_rate, write_results
 from dynaguide.config import get_preset
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image

@@ -2,9 +2,6 @@
 
 Measured side by side in one run, same inputs:
 
-* argmax_relabel: ``dynaguide._native`` vs the torch fallback (argmax + scatter_add
-  histogram + cumsum map) vs numpy (``argmax`` + ``np.unique``), on (C, H, W) float32
-  responses, contiguous and channels-last.
 * relabel_sequential: native vs ``np.unique(return_inverse=True)``,
   ``skimage.segmentation.relabel_sequential`` and ``torch.unique``.
 * connected_components: native (4/8) vs ``skimage.measure.label`` (the same equal-value
@@ -35,9 +32,8 @@ import torch
 from skimage.measure import label as sk_label
 from skimage.segmentation import relabel_sequential as sk_relabel
 
-from dynaguide import native
+from dynaguide import label_ops as native
 from dynaguide.build_info import build_commit
-from dynaguide.native import _argmax_relabel_torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,13 +88,6 @@ def scipy_components(lab: np.ndarray, connectivity: int) -> np.ndarray:
     return out
 
 
-def numpy_argmax_relabel(r: np.ndarray):
-    """Numpy argmax + compact relabel + counts of a (C, H, W) response."""
-    labels = r.argmax(axis=0)
-    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    return labels, inverse.reshape(labels.shape), counts, uniq.size
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,42 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{op:22s} {size:22s} {impl:26s} {t['median'] * 1e3:9.2f} ms{extra}", flush=True)
 
     rng = np.random.default_rng(0)
-    response_sizes = [(100, 321, 481)] if args.quick else [(100, 321, 481), (100, 642, 962)]
-    for c, h, w in response_sizes:
-        base = torch.from_numpy(rng.normal(size=(c, h, w)).astype(np.float32))
-        for layout in ("contiguous", "channels_last"):
-            x = (
-                base
-                if layout == "contiguous"
-                else base[None].to(memory_format=torch.channels_last)[0]
-            )
-            size = f"{c}x{h}x{w} {layout[:6]}"
-            xn = x.numpy()
-            record(
-                "argmax_relabel",
-                size,
-                "numpy argmax+unique",
-                lambda xn=xn: numpy_argmax_relabel(xn),
-                None,
-            )
-            record(
-                "argmax_relabel",
-                size,
-                "torch fallback",
-                lambda x=x: _argmax_relabel_torch(x[None], False),
-                "numpy argmax+unique",
-            )
-            record(
-                "argmax_relabel",
-                size,
-                "native",
-                lambda x=x: native.argmax_relabel(x, backend="native"),
-                "numpy argmax+unique",
-            )
-            rows[-1]["speedup_vs_torch fallback"] = (
-                rows[-2]["seconds"]["median"] / rows[-1]["seconds"]["median"]
-            )
-
     label_sizes = [(321, 481)] if args.quick else [(321, 481), (1080, 1920)]
     for h, w in label_sizes:
         for kind, lab in (
@@ -193,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 "relabel_sequential",
                 size,
                 "native",
-                lambda s=sparse: native.relabel_sequential(s, backend="native"),
+                lambda s=sparse: native.relabel_compact(s, backend="native"),
                 "np.unique",
             )
             for conn in (4, 8):

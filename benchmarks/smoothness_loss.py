@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dynaguide.benchmarking import summarize, time_calls, write_results
+from dynaguide.bench_utils import summarize, time_calls, write_results
 from dynaguide.smooseg import derangement, smoothness_loss, smoothness_loss_reference
 
 METHODS = ("reference", "factorised", "triton")

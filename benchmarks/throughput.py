@@ -4,7 +4,7 @@ Side by side in one run, on the first ``--limit`` BSDS500 val images at ``--scal
 (the preset's default guide computed beforehand, not timed):
 
   * sequential: :func:`dynaguide.refine.refine` on one image after another;
-  * batched:    :func:`dynaguide.batched.refine_batch` (grouped convolutions);
+  * batched:    :func:`dynaguide.batched_refine.refine_batch` (grouped convolutions);
   * vmap:       the same with ``method="vmap"`` (``torch.func.vmap`` over stacked parameters).
 
 Images/s from the median of ``--repeats`` interleaved runs, next to the compute floor
@@ -12,7 +12,7 @@ Images/s from the median of ``--repeats`` interleaved runs, next to the compute 
 This is ``dynaguide bench --sections throughput --vmap``; the results go to
 ``benchmarks/results/throughput-<device>.json``.
 
-``--memory`` also checks :func:`dynaguide.batched.estimate_refine_bytes`: in a fresh
+``--memory`` also checks :func:`dynaguide.batched_refine.estimate_refine_bytes`: in a fresh
 subprocess per case, the growth of the peak resident set (``ru_maxrss``) over two training
 iterations, against the estimate (CPU only; on CUDA compare with
 ``torch.cuda.max_memory_allocated``).
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from dynaguide import bench
+from dynaguide import bench_cli as bench
 from dynaguide.api import build_config, resolve_device
-from dynaguide.benchmarking import matmul_rate, write_results
+from dynaguide.bench_utils import matmul_rate, write_results
 from dynaguide.guidance import compute_guide_labels
 
 #: BSDS500 val images of the development checkout (``../shared`` beside the repository).
@@ -44,7 +44,7 @@ _MEMORY_PROBE = r"""
 import json, resource, sys
 import numpy as np, torch
 from dynaguide.config import get_preset
-from dynaguide.batched import BatchedRefiner, estimate_refine_bytes
+from dynaguide.batched_refine import BatchedRefiner, estimate_refine_bytes
 from dynaguide.refine import RefineStep
 h, w, n, backend, preset = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 backend = None if backend == "default" else backend

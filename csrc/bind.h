@@ -98,25 +98,6 @@ inline void expect_index_out(const View &v, const char *name) {
         dg::fail(std::string(name) + " must be int32 or int64, got " + dg::dtype_name(v.dtype));
 }
 
-// Outputs of argmax_relabel: (N, H, W) labels and compact, (N, C) counts, (N,) k.
-inline void check_argmax_outputs(const View &x, const View &labels, const View &compact, const View &counts,
-                          const View &k) {
-    const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
-    expect_float(x, "response");
-    if (x.numel() == 0) dg::fail("response is empty");
-    for (const auto &[v, name] : {std::pair{&labels, "labels"}, {&compact, "compact"}}) {
-        expect_dtype(*v, DType::I64, name);
-        expect_contiguous(*v, name);
-        expect_shape(*v, {N, H, W}, name);
-    }
-    expect_dtype(counts, DType::I64, "counts");
-    expect_contiguous(counts, "counts");
-    expect_shape(counts, {N, C}, "counts");
-    expect_dtype(k, DType::I64, "k");
-    expect_contiguous(k, "k");
-    expect_shape(k, {N}, "k");
-}
-
 inline void check_cc(const View &in, const View &out, int connectivity) {
     if (connectivity != 4 && connectivity != 8)
         dg::fail("connectivity must be 4 or 8, got " + std::to_string(connectivity));

@@ -1,14 +1,5 @@
 // CUDA label-map kernels (see labels_cuda.h).
 //
-// argmax + relabel: a block owns 2048 consecutive pixels of one image; each thread takes
-// the channel argmax of 8 of them, and the label counts go to a per-block histogram in
-// shared memory with warp-aggregated atomics (the lanes of a warp that found the same
-// label add once, __match_any_sync); the block then adds its non-empty bins to the
-// image's histogram in global memory. Late in a refinement few labels remain, and one
-// global atomic per pixel would serialise on them. One block per image turns the
-// histogram into the compact map (rank among present channels), counts and K; a last
-// pass maps the labels.
-//
 // connected components: union-find over global pixel indices with lock-free unions that
 // always link the larger root below the smaller one (Playne & Hawick, 2018), so each root
 // is the first pixel of its component in raster order, and path halving in every find (a
@@ -35,9 +26,6 @@ void check(cudaError_t err, const char *what) {
 }
 
 constexpr int kThreads = 256;
-constexpr int kPixelsPerThread = 8;
-constexpr int64_t kPixelsPerBlock = int64_t(kThreads) * kPixelsPerThread;
-constexpr int64_t kSharedBins = 12288;  // 48 KB of uint32 bins: larger C counts in global memory
 constexpr size_t kAlign = 256;
 
 inline unsigned blocks_for(int64_t n) {
@@ -64,90 +52,6 @@ class Scratch {
     char *base_;
     size_t left_;
 };
-
-// ------------------------------------------------------------------ argmax + relabel
-// Adds 1 to bin `b` for every active lane, one atomic per distinct label in the warp.
-__device__ __forceinline__ void count_label(unsigned *bins, int b, bool active) {
-#if __CUDA_ARCH__ >= 700
-    const unsigned lanes = __ballot_sync(0xffffffffu, active);
-    if (active) {
-        const unsigned peers = __match_any_sync(lanes, b);
-        if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(bins + b, __popc(peers));
-    }
-#else
-    if (active) atomicAdd(bins + b, 1u);
-#endif
-}
-
-template <typename T, bool SHARED>
-__global__ void argmax_kernel(const T *__restrict__ x, int64_t C, int64_t H, int64_t W, int64_t sn,
-                              int64_t sc, int64_t sh, int64_t sw, int64_t blocks_per_image,
-                              int64_t *__restrict__ labels, unsigned *__restrict__ hist) {
-    extern __shared__ unsigned block_bins[];
-    const int64_t HW = H * W;
-    const int64_t n = blockIdx.x / blocks_per_image;
-    const int64_t p0 = (blockIdx.x - n * blocks_per_image) * kPixelsPerBlock;
-    unsigned *image_bins = hist + n * C;
-    if (SHARED) {
-        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) block_bins[c] = 0;
-        __syncthreads();
-    }
-    for (int k = 0; k < kPixelsPerThread; ++k) {
-        const int64_t r = p0 + int64_t(k) * blockDim.x + threadIdx.x;
-        const bool in = r < HW;
-        int best_c = 0;
-        if (in) {
-            const int64_t i = r / W, j = r - (r / W) * W;
-            const T *px = x + n * sn + i * sh + j * sw;
-            T best = px[0];
-            for (int64_t c = 1; c < C; ++c) {
-                const T v = px[c * sc];
-                if (v > best) {  // strict: the first maximum wins, as torch.argmax
-                    best = v;
-                    best_c = static_cast<int>(c);
-                }
-            }
-            labels[n * HW + r] = best_c;
-        }
-        count_label(SHARED ? block_bins : image_bins, best_c, in);
-    }
-    if (SHARED) {
-        __syncthreads();
-        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-            const unsigned v = block_bins[c];
-            if (v) atomicAdd(image_bins + c, v);
-        }
-    }
-}
-
-__global__ void compact_map_kernel(int64_t C, const unsigned *__restrict__ hist,
-                                   int64_t *__restrict__ map, int64_t *__restrict__ counts,
-                                   int64_t *__restrict__ k) {
-    const int64_t n = blockIdx.x;
-    if (threadIdx.x != 0) return;  // C is small (the response's channels): one thread per image
-    const unsigned *h = hist + n * C;
-    int64_t *m = map + n * C, *cnt = counts + n * C;
-    int64_t K = 0;
-    for (int64_t c = 0; c < C; ++c) {
-        if (h[c] > 0) {
-            m[c] = K;
-            cnt[K] = static_cast<int64_t>(h[c]);
-            ++K;
-        } else {
-            m[c] = -1;
-        }
-    }
-    for (int64_t c = K; c < C; ++c) cnt[c] = 0;
-    k[n] = K;
-}
-
-__global__ void apply_map_kernel(int64_t total, int64_t HW, int64_t C,
-                                 const int64_t *__restrict__ labels, const int64_t *__restrict__ map,
-                                 int64_t *__restrict__ compact) {
-    const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (p >= total) return;
-    compact[p] = map[(p / HW) * C + labels[p]];
-}
 
 // --------------------------------------------------------------- connected components
 // Root of p, halving the path on the way (see the file comment).
@@ -249,45 +153,6 @@ int cuda_device_count() {
         return 0;
     }
     return n;
-}
-
-size_t argmax_relabel_cuda_scratch(int64_t N, int64_t C) {
-    return aligned(sizeof(unsigned) * N * C) + aligned(sizeof(int64_t) * N * C);
-}
-
-void argmax_relabel_cuda(const View &x, const View &labels, const View &compact,
-                         const View &counts, const View &k, void *scratch, size_t scratch_bytes,
-                         uintptr_t stream_handle) {
-    StreamScope scope(x.device_id);
-    cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
-    const int64_t total = N * H * W;
-    Scratch mem(scratch, scratch_bytes);
-    unsigned *hist = mem.take<unsigned>(N * C);
-    int64_t *map = mem.take<int64_t>(N * C);
-    check(cudaMemsetAsync(hist, 0, sizeof(*hist) * N * C, stream), "cudaMemsetAsync");
-    const int64_t per_image = (H * W + kPixelsPerBlock - 1) / kPixelsPerBlock;
-    const unsigned blocks = static_cast<unsigned>(N * per_image);
-    const bool shared = C <= kSharedBins;
-    const size_t shmem = shared ? sizeof(unsigned) * C : 0;
-    auto launch = [&](auto t) {
-        using T = decltype(t);
-        auto kernel = shared ? argmax_kernel<T, true> : argmax_kernel<T, false>;
-        kernel<<<blocks, kThreads, shmem, stream>>>(x.ptr<T>(), C, H, W, x.strides[0], x.strides[1],
-                                                     x.strides[2], x.strides[3], per_image,
-                                                     labels.ptr<int64_t>(), hist);
-    };
-    if (x.dtype == DType::F32)
-        launch(float{});
-    else
-        launch(double{});
-    check(cudaGetLastError(), "argmax_kernel");
-    compact_map_kernel<<<static_cast<unsigned>(N), 32, 0, stream>>>(C, hist, map, counts.ptr<int64_t>(),
-                                                                    k.ptr<int64_t>());
-    check(cudaGetLastError(), "compact_map_kernel");
-    apply_map_kernel<<<blocks_for(total), kThreads, 0, stream>>>(total, H * W, C, labels.ptr<int64_t>(),
-                                                                 map, compact.ptr<int64_t>());
-    check(cudaGetLastError(), "apply_map_kernel");
 }
 
 size_t connected_components_cuda_scratch(int64_t total, int device) {

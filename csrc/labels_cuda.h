@@ -16,14 +16,6 @@ namespace dg {
 // Number of CUDA devices the runtime sees (0 when there is no driver or device).
 int cuda_device_count();
 
-// Scratch bytes argmax_relabel_cuda needs for N images of C channels.
-size_t argmax_relabel_cuda_scratch(int64_t N, int64_t C);
-
-// Same contract as argmax_relabel_cpu, minus the NaN report.
-void argmax_relabel_cuda(const View &x, const View &labels, const View &compact,
-                         const View &counts, const View &k, void *scratch, size_t scratch_bytes,
-                         uintptr_t stream);
-
 // Scratch bytes connected_components_cuda needs for `total` pixels (queries cub: needs
 // the CUDA runtime and a device).
 size_t connected_components_cuda_scratch(int64_t total, int device);

@@ -122,21 +122,6 @@ NB_MODULE(_native, m) {
     }, "CUDA devices visible to the extension's runtime (0 without CUDA support).");
 
     m.def(
-        "argmax_relabel",
-        [](InArray x, OutArray labels, OutArray compact, OutArray counts, OutArray k) {
-            const int cpu = nb::device::cpu::value;
-            View xv = to_view(x, "response", 4, cpu), lv = to_view(labels, "labels", 3, cpu),
-                 cv = to_view(compact, "compact", 3, cpu), nv = to_view(counts, "counts", 2, cpu),
-                 kv = to_view(k, "k", 1, cpu);
-            check_argmax_outputs(xv, lv, cv, nv, kv);
-            nb::gil_scoped_release release;
-            return dg::argmax_relabel_cpu(xv, lv, cv, nv, kv);
-        },
-        nb::arg("response"), nb::arg("labels"), nb::arg("compact"), nb::arg("counts"), nb::arg("k"),
-        "CPU argmax over channels + compact relabel + counts of a (N, C, H, W) response into "
-        "preallocated int64 outputs. Returns True when the response holds a NaN.");
-
-    m.def(
         "relabel_sequential",
         [](InArray in, OutArray out) {
             View iv = to_view(in, "labels", static_cast<int>(in.ndim()), nb::device::cpu::value);

@@ -31,8 +31,6 @@ View scratch_view(const OutArray &a, int device, size_t need) {
 }  // namespace
 
 void bind_cuda(nb::module_ &m) {
-    m.def("argmax_relabel_cuda_scratch", &dg::argmax_relabel_cuda_scratch, nb::arg("n"), nb::arg("c"),
-          "Bytes of scratch memory argmax_relabel_cuda needs for n images of c channels.");
     m.def(
         "connected_components_cuda_scratch",
         [](int64_t total, int device) {
@@ -41,26 +39,6 @@ void bind_cuda(nb::module_ &m) {
         },
         nb::arg("total"), nb::arg("device"),
         "Bytes of scratch memory connected_components_cuda needs for `total` pixels on a device.");
-
-    m.def(
-        "argmax_relabel_cuda",
-        [](InArray x, OutArray labels, OutArray compact, OutArray counts, OutArray k, OutArray scratch,
-           uintptr_t stream) {
-            const int gpu = nb::device::cuda::value;
-            View xv = to_view(x, "response", 4, gpu), lv = to_view(labels, "labels", 3, gpu),
-                 cv = to_view(compact, "compact", 3, gpu), nv = to_view(counts, "counts", 2, gpu),
-                 kv = to_view(k, "k", 1, gpu);
-            check_argmax_outputs(xv, lv, cv, nv, kv);
-            for (const View *v : {&lv, &cv, &nv, &kv})
-                if (v->device_id != xv.device_id) dg::fail("outputs must be on the response's device");
-            const size_t need = dg::argmax_relabel_cuda_scratch(xv.shape[0], xv.shape[1]);
-            View sv = scratch_view(scratch, xv.device_id, need);
-            nb::gil_scoped_release release;
-            dg::argmax_relabel_cuda(xv, lv, cv, nv, kv, sv.data, static_cast<size_t>(sv.shape[0]), stream);
-        },
-        nb::arg("response"), nb::arg("labels"), nb::arg("compact"), nb::arg("counts"), nb::arg("k"),
-        nb::arg("scratch"), nb::arg("stream"),
-        "CUDA version of argmax_relabel (no NaN report), queued on `stream` (a cudaStream_t as int).");
 
     m.def(
         "connected_components_cuda",

@@ -32,18 +32,19 @@ _LAZY: dict[str, str] = {
     "RefineConfig": "dynaguide.config",
     "Segmentation": "dynaguide.segmentation",
     "available_guides": "dynaguide.guidance",
-    "connected_components": "dynaguide.native",
+    "connected_components": "dynaguide.label_ops",
     "env_report": "dynaguide.backend",
     "get_guide": "dynaguide.guidance",
     "get_preset": "dynaguide.config",
     "label_colors": "dynaguide.segmentation",
     "load_segmentation": "dynaguide.loading",
     "presets": "dynaguide.config",
-    "refine_batch": "dynaguide.batched",
+    "refine_batch": "dynaguide.batched_refine",
     "register_guide": "dynaguide.guidance",
-    "relabel_sequential": "dynaguide.native",
+    "relabel_compact": "dynaguide.label_ops",
+    "relabel_sequential": "dynaguide.label_ops",
     "segment": "dynaguide.api",
-    "segment_batch": "dynaguide.batch",
+    "segment_batch": "dynaguide.segment_many",
 }
 
 __all__ = [  # the names of _LAZY and the version (tests/test_packaging.py keeps them equal)
@@ -57,9 +58,11 @@ __all__ = [  # the names of _LAZY and the version (tests/test_packaging.py keeps
     "get_guide",
     "get_preset",
     "label_colors",
+    "load_segmentation",
     "presets",
     "refine_batch",
     "register_guide",
+    "relabel_compact",
     "relabel_sequential",
     "segment",
     "segment_batch",
@@ -68,11 +71,12 @@ __all__ = [  # the names of _LAZY and the version (tests/test_packaging.py keeps
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from dynaguide.api import segment
     from dynaguide.backend import env_report
-    from dynaguide.batch import segment_batch
-    from dynaguide.batched import refine_batch
+    from dynaguide.batched_refine import refine_batch
     from dynaguide.config import RefineConfig, get_preset, presets
     from dynaguide.guidance import Guide, available_guides, get_guide, register_guide
-    from dynaguide.native import connected_components, relabel_sequential
+    from dynaguide.label_ops import connected_components, relabel_compact, relabel_sequential
+    from dynaguide.loading import load_segmentation
+    from dynaguide.segment_many import segment_batch
     from dynaguide.segmentation import Segmentation, label_colors
 
 __getattr__, __dir__ = _attach(__name__, _LAZY)

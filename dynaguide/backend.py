@@ -1,10 +1,8 @@
-"""Call-time selection of the implementation behind each fast op.
+"""Which backends exist here: availability probes, ``DYNAGUIDE_BACKEND`` and the report.
 
-Every fast op has a plain PyTorch reference. At call time the dispatcher picks
-Triton for CUDA tensors when Triton is importable, the native C++ extension for CPU
-tensors when it was built, else the reference. ``DYNAGUIDE_BACKEND=torch|triton|native``
-forces one; forcing one that is unavailable (or that cannot take the tensor's device)
-raises, and a silent fallback only happens when nothing was forced.
+The choice among an op's implementations is :mod:`dynaguide.dispatch`'s (one registry);
+this module only says whether a backend can be loaded (``available``), which one the
+environment forces (``forced``) and on which devices a backend runs.
 
 Nothing heavy is imported here: Triton and the native extension load lazily, the
 first time a call needs them.
@@ -78,51 +76,6 @@ def _runs_on(name: str, device: torch.device) -> bool:
     if name == "native":
         return device.type == "cpu"
     return False
-
-
-def select(
-    device: torch.device, *, supported: tuple[Backend, ...], backend: str | None = None
-) -> Backend:
-    """Pick the backend for an op on ``device``.
-
-    Parameters
-    ----------
-    device : torch.device
-        Where the op's input tensors live.
-    supported : tuple of str
-        Backends that implement this op (``"torch"`` always should).
-    backend : str, optional
-        Explicit choice for this call; overrides ``DYNAGUIDE_BACKEND``.
-
-    Raises
-    ------
-    BackendUnavailableError
-        When a forced backend is missing, does not implement the op, or cannot run
-        on ``device``.
-    """
-    choice = backend.lower() if backend else forced()
-    if choice is not None:
-        if choice not in BACKENDS:
-            raise BackendUnavailableError(f"backend {choice!r} is not one of {BACKENDS}")
-        if choice not in supported:
-            raise BackendUnavailableError(
-                f"backend {choice!r} does not implement this op (has {supported})"
-            )
-        ok, why = _probe(choice)
-        if not ok:
-            raise BackendUnavailableError(
-                f"backend {choice!r} was forced but is unavailable: {why}"
-            )
-        if not _runs_on(choice, device):
-            raise BackendUnavailableError(
-                f"backend {choice!r} was forced but cannot run on {device}"
-            )
-        return choice  # type: ignore[return-value]
-    if device.type == "cuda" and "triton" in supported and available("triton"):
-        return "triton"
-    if device.type == "cpu" and "native" in supported and available("native"):
-        return "native"
-    return "torch"
 
 
 def env_report() -> dict[str, str]:

@@ -14,7 +14,7 @@ Subcommands defined here:
 
 Other subcommands come from modules that expose ``register(subparsers) -> None`` (each
 adds its subparser and sets ``func=<callable(args) -> int>``): ``dynaguide.eval.cli``,
-``dynaguide.export.cli`` and ``dynaguide.bench``. A module that is not installed is
+``dynaguide.export.cli`` and ``dynaguide.bench_cli``. A module that is not installed is
 left out; any other import error in it is raised.
 
 Exit codes: 0 success, 1 some images failed, 2 usage error, 130 interrupted. A documented
@@ -51,7 +51,7 @@ __all__ = ["DEMO_IMAGES", "DEMO_MAX_ITER", "DEMO_SCALE", "build_parser", "main"]
 OPTIONAL_SUBCOMMANDS: tuple[str, ...] = (
     "dynaguide.eval.cli",
     "dynaguide.export.cli",
-    "dynaguide.bench",
+    "dynaguide.bench_cli",
 )
 
 #: scikit-image sample images used by ``dynaguide demo`` and their bundled file names.

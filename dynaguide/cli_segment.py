@@ -305,7 +305,7 @@ def _formats_of(args: argparse.Namespace) -> tuple[str, ...]:
 def _run_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Everything that decides an image's results (its fingerprint goes into each JSON)."""
     from dynaguide.api import build_config
-    from dynaguide.batch import _SEGMENT_ARGS
+    from dynaguide.segment_many import _SEGMENT_ARGS
 
     overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS and k != "device"}
     config = build_config(kwargs["preset"], max_iter=kwargs["max_iter"], **overrides)
@@ -315,7 +315,7 @@ def _run_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _build_guide_once(kwargs: dict[str, Any]) -> None:
     """Replace the guide name in ``kwargs`` by the built guide, for every image of the run."""
     from dynaguide.api import build_config
-    from dynaguide.batch import _SEGMENT_ARGS
+    from dynaguide.segment_many import _SEGMENT_ARGS
     from dynaguide.settings import as_seed, resolve_guidance
 
     overrides = {k: v for k, v in kwargs.items() if k not in _SEGMENT_ARGS and k != "device"}

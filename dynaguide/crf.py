@@ -133,7 +133,7 @@ def dense_crf(
     -------
     (K, H, W) float32 marginals (each pixel's sum to 1); ``argmax(0)`` gives the labels.
     """
-    from dynaguide.native import native_module
+    from dynaguide.label_ops import native_module
 
     img = _check_image(image)
     energy = unary_energy(unary, img.shape[:2], logits=logits)
@@ -178,7 +178,7 @@ def exact_gaussian_filter(features: np.ndarray, values: np.ndarray) -> np.ndarra
 def lattice_gaussian_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The permutohedral-lattice approximation of :func:`exact_gaussian_filter` (native,
     float32; equal to it up to a gain that is nearly the same for every point)."""
-    from dynaguide.native import native_module
+    from dynaguide.label_ops import native_module
 
     mod = native_module()
     if mod is None or not hasattr(mod, "permutohedral_filter"):

@@ -24,85 +24,29 @@ single image this is just its loss), ``"sum"`` or ``"none"`` (shape ``(N,)``; fo
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from dynaguide import backend as _backend
+from dynaguide import dispatch, op_checks
+from dynaguide.op_checks import check_response as _check_response
+from dynaguide.op_checks import reduce as _reduce
 
 Penalty = Literal["l1", "huber"]
 Reduction = Literal["mean", "sum", "none"]
 
-# Fast-path modules, imported on first use only.
-_FAST_MODULES = {"triton": "dynaguide.kernels", "native": "dynaguide.native_losses"}
-
-
-# --------------------------------------------------------------------------- checks
-def _check_response(response: torch.Tensor, name: str = "response") -> torch.Tensor:
-    """Validate a response map and return it as (N, C, H, W)."""
-    if not isinstance(response, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(response).__name__}")
-    if response.dim() not in (3, 4):
-        raise ValueError(
-            f"{name} must have shape (C, H, W) or (N, C, H, W), got {tuple(response.shape)}"
-        )
-    if not response.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {response.dtype}")
-    r = response if response.dim() == 4 else response.unsqueeze(0)
-    if r.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(response.shape)}")
-    return r
-
 
 def _check_options(penalty: str, neighbors: int, delta: float) -> None:
-    if penalty not in ("l1", "huber"):
-        raise ValueError(f"penalty must be 'l1' or 'huber', got {penalty!r}")
-    if neighbors not in (4, 8):
-        raise ValueError(f"neighbors must be 4 or 8, got {neighbors!r}")
-    if not delta > 0:
-        raise ValueError(f"delta must be > 0, got {delta!r}")
-
-
-def _reduce(per_image: torch.Tensor, reduction: str, batched: bool) -> torch.Tensor:
-    if reduction == "none":
-        return per_image if batched else per_image[0]
-    if reduction == "mean":
-        return per_image.mean()
-    if reduction == "sum":
-        return per_image.sum()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    op_checks.check_continuity_options(penalty, neighbors, delta)
 
 
 def _fast(op: str, device: torch.device, backend: str | None) -> Callable | None:
-    """Return the fast implementation of ``op`` for ``device``, or None for the reference."""
-    supported: list[_backend.Backend] = ["torch"]
-    for name in _FAST_MODULES:
-        if (
-            _backend.available(name)
-            and _fast_module(name) is not None
-            and hasattr(_fast_module(name), op)
-        ):
-            supported.append(name)  # type: ignore[arg-type]
-    choice = _backend.select(device, supported=tuple(supported), backend=backend)
-    if choice == "torch":
-        return None
-    return getattr(_fast_module(choice), op)
-
-
-@functools.cache
-def _fast_module(name: str) -> Any:
-    """The module holding backend ``name``'s loss functions, or None if it has none."""
-    module = _FAST_MODULES[name]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
+    """The fast implementation of ``op`` for ``device`` (:mod:`dynaguide.dispatch`), or None
+    when the plain PyTorch reference is chosen."""
+    chosen = dispatch.resolve(op, device, backend)
+    return None if chosen.backend == "torch" else chosen.fn
 
 
 # ----------------------------------------------------------------------- references
@@ -179,10 +123,14 @@ def guidance_loss_reference(
     *,
     ignore_index: int = -1,
     reduction: Reduction = "mean",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Plain PyTorch guidance loss; see :func:`guidance_loss`."""
     r = _check_response(response)
     t = _check_target(target, r, response.dim() == 4)
+    op_checks.check_reduction(reduction)
+    if validate:
+        op_checks.check_target_values(t, r.shape[1], ignore_index)
     if r.dtype in (torch.float16, torch.bfloat16):
         r = r.float()
     n = r.shape[0]
@@ -195,19 +143,8 @@ def guidance_loss_reference(
 
 
 def _check_target(target: torch.Tensor, r: torch.Tensor, batched: bool) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    t = target if batched else target.unsqueeze(0)
-    if t.shape != (r.shape[0], *r.shape[2:]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match response {tuple(r.shape)} "
-            "(expected the response's (N,) H, W)"
-        )
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"target must be an integer tensor, got {target.dtype}")
-    if t.device != r.device:
-        raise ValueError(f"target is on {t.device} but response is on {r.device}")
-    return t.long()
+    """Validated target (N, H, W) as int64 (see :func:`dynaguide.op_checks.check_target`)."""
+    return op_checks.check_target(target, r, batched).long()
 
 
 # --------------------------------------------------------------------------- public
@@ -295,6 +232,7 @@ def guidance_loss(
     ignore_index: int = -1,
     reduction: Reduction = "mean",
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of the response against guide labels aligned to its channels.
 
@@ -302,18 +240,20 @@ def guidance_loss(
     ----------
     response : Tensor, shape (C, H, W) or (N, C, H, W)
     target : integer Tensor, shape (H, W) or (N, H, W)
-        Channel index per pixel, or ``ignore_index`` for pixels without guidance. Values
-        are not range-checked (that would need a host synchronisation on GPU): a
-        negative value other than ``ignore_index`` counts as class 0.
+        Channel index per pixel, or ``ignore_index`` for pixels without guidance. A
+        negative value other than ``ignore_index`` counts as class 0; a class ``>= C``
+        raises ValueError on every backend (:func:`dynaguide.op_checks.check_target_values`).
     ignore_index : int
     reduction : {"mean", "sum", "none"}
     backend : str, optional
+    validate : bool
+        Check the target's values (one host synchronisation on a GPU); the refinement loop,
+        whose targets come from the guide aligner, passes False.
     """
     r = _check_response(response)
-    _check_target(target, r, response.dim() == 4)
-    fast = _fast("guidance_loss", response.device, backend)
-    if fast is None:
-        return guidance_loss_reference(
-            response, target, ignore_index=ignore_index, reduction=reduction
-        )
-    return fast(response, target, ignore_index=ignore_index, reduction=reduction)
+    t = _check_target(target, r, response.dim() == 4)
+    op_checks.check_reduction(reduction)
+    if validate:
+        op_checks.check_target_values(t, r.shape[1], ignore_index)
+    fast = dispatch.resolve("guidance_loss", response.device, backend).fn
+    return fast(response, target, ignore_index=ignore_index, reduction=reduction, validate=False)

@@ -34,20 +34,18 @@ from typing import Any
 
 import torch
 
-from dynaguide.losses import Penalty, Reduction, _check_options, _check_response, _check_target
+from dynaguide.losses import Penalty, Reduction
+from dynaguide.op_checks import check_continuity_options as _check_options
+from dynaguide.op_checks import check_reduction as _check_reduction
+from dynaguide.op_checks import check_response as _check_response
+from dynaguide.op_checks import check_target
+from dynaguide.op_checks import reduce as _reduce
 
 __all__ = ["continuity_loss", "guidance_loss", "similarity_loss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _native() -> ModuleType:
     return importlib.import_module("dynaguide._native")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def _prepare(response: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -70,14 +68,6 @@ def _layout_ok(x: torch.Tensor) -> bool:
     cl = (c == 1 or sc == 1) and (w == 1 or sw == c) and (h == 1 or sh == w * c)
     planar = (w == 1 or sw == 1) and (h == 1 or sh == w) and (c == 1 or sc == h * w)
     return cl or planar
-
-
-def _reduce(per_image: torch.Tensor, reduction: str, batched: bool) -> torch.Tensor:
-    if reduction == "none":
-        return per_image if batched else per_image[0]
-    if reduction == "mean":
-        return per_image.mean()
-    return per_image.sum()
 
 
 def _scale(grad_output: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
@@ -268,6 +258,7 @@ def guidance_loss(
     *,
     ignore_index: int = -1,
     reduction: Reduction = "mean",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Fused CPU guidance cross-entropy; see :func:`dynaguide.losses.guidance_loss`.
 
@@ -280,6 +271,8 @@ def guidance_loss(
         class 0 (as in the reference); values ``>= C`` raise ``ValueError``.
     ignore_index : int
     reduction : {"mean", "sum", "none"}
+    validate : bool
+        Accepted for a uniform signature; the C++ kernel always checks (at no cost).
 
     Returns
     -------
@@ -297,6 +290,6 @@ def guidance_loss(
     """
     _check_reduction(reduction)
     x, batched = _prepare(response)
-    t = _check_target(target, x, batched).contiguous()  # (N, H, W) int64
+    t = check_target(target, x, batched).long().contiguous()  # (N, H, W) int64
     need = _needs_grad(response)
     return _Guidance.apply(response, x, t, ignore_index, reduction, batched, need)

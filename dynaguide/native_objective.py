@@ -2,7 +2,7 @@
 
 ``sim_w * CE(r, argmax r) + w(K) * continuity(r) + guide_w * CE_ignore(r, target)`` with
 the same semantics as the three losses of :mod:`dynaguide.losses` composed by
-:func:`dynaguide.refine.objective` (the guide target is aligned to the labels of this very
+:func:`dynaguide.objective.objective` (the guide target is aligned to the labels of this very
 forward pass), in fewer passes over the response than the three native losses and
 autograd's sums of their gradients:
 
@@ -46,7 +46,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 def usable(response: torch.Tensor, backend: str | None) -> bool:
     """Whether :func:`objective` applies: the native losses would run, on a float32/float64
     channels-last CPU response that requires grad."""
-    from dynaguide import losses
+    from dynaguide import dispatch
 
     if response.device.type != "cpu" or response.dim() not in (3, 4):
         return False
@@ -54,8 +54,7 @@ def usable(response: torch.Tensor, backend: str | None) -> bool:
         return False
     if not torch.is_grad_enabled():
         return False
-    fast = losses._fast("similarity_loss", response.device, backend)
-    if fast is None or fast.__module__ != "dynaguide.native_losses":
+    if dispatch.resolve("similarity_loss", response.device, backend).backend != "native":
         return False
     if not hasattr(_native(), "ce_pair_forward"):
         return False
@@ -90,7 +89,8 @@ class _Objective(torch.autograd.Function):
                     f"target shape {tuple(t.shape)} does not match labels {tuple(lab_out.shape)}"
                 )
             target = t.reshape(n, h, w).to(torch.int64).contiguous()
-        weight = weight_of(k_out).detach().to(torch.float64).reshape(-1).expand(n)
+        w_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weight = weight_of(k_out, w_dtype).detach().to(torch.float64).reshape(-1).expand(n)
         cont = torch.empty(n, dtype=torch.float64)
         l1, neighbors, delta = opts["penalty"] == "l1", opts["neighbors"], float(opts["delta"])
         nat.continuity_forward(x, l1, neighbors, delta, cont)

@@ -31,7 +31,7 @@ from dynaguide.config import RefineConfig
 from dynaguide.errors import RefinementDivergedError
 from dynaguide.guidance import compute_guide_labels
 from dynaguide.io import load_image, reduce_for_resize
-from dynaguide.native import relabel_sequential
+from dynaguide.label_ops import relabel_compact
 from dynaguide.postprocess import postprocess
 from dynaguide.refine import RefineResult, image_tensor
 from dynaguide.segmentation import Segmentation
@@ -107,7 +107,7 @@ def fit_to_memory(
     With ``config.max_pixels=None`` the caller asked for the full size: a refinement that
     does not fit raises :class:`MemoryError` with advice instead.
     """
-    from dynaguide.batched import estimate_refine_bytes, free_memory
+    from dynaguide.batch_memory import estimate_refine_bytes, free_memory
 
     h, w = size
     if config.max_iter == 0:  # no network: only the guide and the post-processing run
@@ -253,7 +253,7 @@ def finish(
         threshold=config.merge_threshold,
         crf_iterations=config.crf_iterations,
     )
-    compact, k = relabel_sequential(labels.astype(np.int64))
+    compact, k = relabel_compact(labels.astype(np.int64))
     full = prepared.rgb.shape[:2]
     guide = prepared.guide_labels
     extra: dict[str, Any] = {

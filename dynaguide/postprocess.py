@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from dynaguide.native import connected_components, relabel_sequential
+from dynaguide.label_ops import connected_components, relabel_compact
 
 MergeWeight = Literal["colour", "boundary"]
 
@@ -99,7 +99,7 @@ def merge_small_regions(
     if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)):
         raise TypeError(f"min_area must be an int, got {min_area!r}")
     regions = connected_components(labels, connectivity=connectivity).astype(np.int64)
-    regions, _ = relabel_sequential(regions)
+    regions, _ = relabel_compact(regions)
     if min_area <= 1:
         return regions.astype(np.int32)
     lab = _lab(image).reshape(-1, 3)
@@ -125,7 +125,7 @@ def merge_small_regions(
         graph = coo_matrix((np.ones(src.size), (src, dst)), shape=(n, n))
         _, component = graph_components(graph, directed=False)
         regions = component[regions]
-    out, _ = relabel_sequential(regions)
+    out, _ = relabel_compact(regions)
     return out.astype(np.int32)
 
 
@@ -197,7 +197,7 @@ def merge_regions(
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     if weight not in ("colour", "boundary"):
         raise ValueError(f"weight must be 'colour' or 'boundary', got {weight!r}")
-    compact, k = relabel_sequential(labels.astype(np.int64))
+    compact, k = relabel_compact(labels.astype(np.int64))
     if k <= 1:
         return compact.astype(np.int32)
     lab = _lab(image)
@@ -271,7 +271,7 @@ def merge_regions(
         if np.array_equal(nxt, root):
             break
         root = nxt
-    out, _ = relabel_sequential(root[compact])
+    out, _ = relabel_compact(root[compact])
     return out.astype(np.int32)
 
 
@@ -321,7 +321,7 @@ def postprocess(
     if connectivity == 0:
         if min_area > 0 or merge is not None:
             raise ValueError("min_area and merge work on regions: connectivity must be 4 or 8")
-        out, _ = relabel_sequential(labels.astype(np.int64))
+        out, _ = relabel_compact(labels.astype(np.int64))
         return out.astype(np.int32)
     area = round(min_area * labels.size) if min_area < 1 else int(min_area)
     out = merge_small_regions(labels, image, min_area=area, connectivity=connectivity)
@@ -346,7 +346,7 @@ def crf_refine(
 
     labels = _check(labels, image)
     if unary is None:
-        compact, k = relabel_sequential(labels.astype(np.int64))
+        compact, k = relabel_compact(labels.astype(np.int64))
         if k < 2:
             return compact.astype(np.int64)
         unary = np.full((k, *labels.shape), (1.0 - CRF_LABEL_PROB) / (k - 1), np.float32)

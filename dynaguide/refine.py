@@ -5,8 +5,9 @@ One iteration: forward the image through a fresh network, take the argmax labels
 their count K, form ``sim + w(K) * continuity (+ guidance)``, back-propagate, SGD step.
 
 K, the dynamic weight and the loss history stay on the device: nothing in the iteration
-waits for the host. Stopping rules are evaluated every iteration on CPU (where reading a
-number costs nothing) and every ``config.check_every`` iterations on CUDA.
+waits for the host. The objective is :mod:`dynaguide.objective`'s; the stopping rules are
+:mod:`dynaguide.stopping`'s (one image is a batch of one), checked every iteration on CPU
+(where reading a number costs nothing) and every ``config.check_every`` iterations on CUDA.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynaguide import losses, native_objective
+from dynaguide import dispatch
 from dynaguide.config import RefineConfig
 from dynaguide.cpu_runtime import HeapReuse, serial
 from dynaguide.cuda_graph import CudaGraphStep
 from dynaguide.errors import RefinementDivergedError
-from dynaguide.guidance.align import IGNORE_INDEX, GuideAligner
+from dynaguide.guidance.align import GuideAligner
 from dynaguide.model import RefineNet, build_model, mixed_precision
+from dynaguide.objective import (  # noqa: F401 - dynamic_weight: the public name here too
+    dynamic_weight,
+    fused_objective,
+    guidance_weight_at,
+    objective,
+)
+from dynaguide.stopping import Stopper, check_interval, stop_floor
 
 ProgressCallback = Callable[[int, float, int], None]
 
@@ -71,24 +79,6 @@ def image_tensor(image: np.ndarray, config: RefineConfig, device: torch.device) 
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def dynamic_weight(config: RefineConfig, k: torch.Tensor) -> torch.Tensor:
-    """Continuity weight w(K) as a device tensor (no host synchronisation)."""
-    kf = k.to(torch.float32)
-    if config.weight_mode == "constant":
-        return torch.full_like(kf, config.mu)
-    if config.weight_mode in ("fsf", "dynaguide"):
-        return kf / config.beta
-    return config.scf_mu / kf.clamp_min(1.0)  # scf
-
-
-def guidance_weight_at(config: RefineConfig, iteration: int) -> float:
-    """Guidance weight of 0-based ``iteration``: constant, or decaying linearly to 0 over
-    ``config.guidance_anneal`` iterations."""
-    if config.guidance_anneal <= 0:
-        return config.guidance_weight
-    return config.guidance_weight * max(0.0, 1.0 - iteration / config.guidance_anneal)
-
-
 def guide_boundary_band(guide: torch.Tensor, margin: int) -> torch.Tensor:
     """(H, W) bool: pixels within ``margin`` pixels (Chebyshev) of a change of guide label."""
     ids = torch.unique(guide, return_inverse=True)[1]  # compact: exact in float32
@@ -97,107 +87,6 @@ def guide_boundary_band(guide: torch.Tensor, margin: int) -> torch.Tensor:
     hi = torch.nn.functional.max_pool2d(g, k, stride=1, padding=margin)
     lo = -torch.nn.functional.max_pool2d(-g, k, stride=1, padding=margin)
     return (hi != lo)[0, 0]
-
-
-class _Stopper:
-    """Stopping rules over the on-device K and label history."""
-
-    def __init__(self, config: RefineConfig, opt_clusters: int | None, device: torch.device):
-        self.config = config
-        self.every = 1 if device.type == "cpu" else config.check_every
-        floor = config.min_labels
-        if opt_clusters is not None and config.silhouette_stop:
-            floor = opt_clusters - 1  # stop when K < opt_nC
-        self.floor = floor
-        self.snapshot: torch.Tensor | None = None
-        self.snapshot_iter = 0
-
-    def check(self, it: int, k_hist: torch.Tensor, labels: torch.Tensor) -> str | None:
-        """Reason to stop after iteration ``it`` (0-based), or None. Reads the device."""
-        cfg = self.config
-        if self.floor > 0:
-            lo = max(0, it + 1 - self.every)
-            if bool((k_hist[lo : it + 1] <= self.floor).any()):
-                return f"K <= {self.floor}"
-        if cfg.convergence_tol > 0:
-            if self.snapshot is None:
-                self.snapshot, self.snapshot_iter = labels.clone(), it
-            elif it - self.snapshot_iter >= cfg.convergence_window:
-                changed = float((labels != self.snapshot).float().mean())
-                self.snapshot, self.snapshot_iter = labels.clone(), it
-                if changed < cfg.convergence_tol:
-                    return f"converged ({changed:.2e} of pixels changed over {cfg.convergence_window} iterations)"
-        return None
-
-
-def objective(
-    response: torch.Tensor,
-    config: RefineConfig,
-    k_floor: torch.Tensor,
-    target_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    *,
-    backend: str | None = None,
-    reduction: losses.Reduction = "mean",
-    guidance_weight: float | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sim + w(K_eff) * continuity (+ guidance)`` from the three separate losses.
-
-    ``target_of(labels)`` gives the guide target for the current argmax labels (None: no
-    guidance); ``guidance_weight`` overrides ``config.guidance_weight`` (the annealing
-    schedule; a (N,) tensor gives each image of a ``reduction="none"`` batch its own).
-    Returns (loss, labels, K) as device tensors. On CPU with the native losses the same
-    objective runs with one gradient buffer (:mod:`dynaguide.native_objective`).
-    """
-    cfg = config
-    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
-    guided = target_of is not None and (isinstance(gw, torch.Tensor) or gw > 0)
-    if native_objective.usable(response, backend) and not isinstance(gw, torch.Tensor):
-        return native_objective.objective(
-            response, target_of if guided else None,
-            lambda k: dynamic_weight(cfg, torch.maximum(k, k_floor)),
-            similarity_weight=cfg.similarity_weight,
-            guidance_weight=gw if guided else 0.0,
-            penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-            ignore_index=IGNORE_INDEX, reduction=reduction,
-        )  # fmt: skip
-    sim, labels, k = losses.similarity_loss(response, reduction=reduction, backend=backend)
-    weight = dynamic_weight(cfg, torch.maximum(k, k_floor))
-    cont = losses.continuity_loss(
-        response, penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-        reduction=reduction, backend=backend,
-    )  # fmt: skip
-    loss = cfg.similarity_weight * sim + weight * cont
-    if guided:
-        assert target_of is not None
-        target = target_of(labels)
-        guide = losses.guidance_loss(
-            response, target, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend
-        )
-        loss = loss + gw * guide
-    return loss, labels, k
-
-
-def fused_objective(
-    fused: Callable,
-    response: torch.Tensor,
-    target: torch.Tensor | None,
-    config: RefineConfig,
-    k_floor: torch.Tensor,
-    *,
-    reduction: losses.Reduction = "mean",
-    guidance_weight: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same objective through the fused Triton entry point ``fused`` (one call)."""
-    cfg = config
-    gw = cfg.guidance_weight if guidance_weight is None else guidance_weight
-    out = fused(
-        response, target, weight=cfg.weight_mode, mu=cfg.mu, beta=cfg.beta, scf_mu=cfg.scf_mu,
-        k_min=k_floor, similarity_weight=cfg.similarity_weight,
-        guidance_weight=gw if target is not None else 0.0,
-        penalty=cfg.penalty, neighbors=cfg.neighbors, delta=cfg.delta,
-        ignore_index=IGNORE_INDEX, reduction=reduction,
-    )  # fmt: skip
-    return out[0], out[1], out[2]
 
 
 class RefineStep:
@@ -253,7 +142,7 @@ class RefineStep:
                 g = torch.where(guide_boundary_band(g, config.guide_margin), -1, g)
             self.aligner = GuideAligner(g, config.n_channels, config.alignment)
         self.iteration = 0
-        self.fused = _fused_objective(device, backend)
+        self.fused = fused_kernel(device, backend)
         self.prev_labels: torch.Tensor | None = None
         if device.type == "cpu":  # freed activation blocks stay for the next iteration
             weakref.finalize(self, HeapReuse().close)
@@ -318,16 +207,12 @@ class RefineStep:
         return labels
 
 
-def _fused_objective(device: torch.device, backend: str | None) -> Callable | None:
-    """The fused Triton objective when the loss backend for ``device`` is Triton, else None."""
-    from dynaguide import backend as _backend
-
-    choice = _backend.select(device, supported=("torch", "triton", "native"), backend=backend)
-    if choice != "triton":
+def fused_kernel(device: torch.device, backend: str | None) -> Callable | None:
+    """The fused objective kernel (``fused_objective`` in :mod:`dynaguide.dispatch`) when the
+    loss backend chosen for ``device`` is Triton, else None (the three losses)."""
+    if dispatch.resolve("similarity_loss", device, backend).backend != "triton":
         return None
-    from dynaguide.kernels import dynaguide_loss
-
-    return dynaguide_loss
+    return dispatch.resolve("fused_objective", device, "triton").fn
 
 
 def refine(
@@ -399,42 +284,42 @@ def refine(
         amp=amp,
     )
     run_step = CudaGraphStep(state) if cuda_graph else state.step
-    stopper = _Stopper(config, state.opt_clusters, dev)
-    loss_hist = torch.zeros(config.max_iter, device=dev)
-    k_hist = torch.zeros(config.max_iter, dtype=torch.int64, device=dev)
-    stop_reason = f"max_iter ({config.max_iter})"
     budget = config.time_budget
     if deadline is None and budget is not None:
         deadline = t0 + budget
+    every = check_interval(config, dev)
+    stopper = Stopper(config, dev, image.shape[:2], every)
+    stopper.rebuild([], [stop_floor(config, state.opt_clusters)], [deadline], [budget])
+    loss_hist = torch.zeros(1, config.max_iter, device=dev)
+    k_hist = torch.zeros(1, config.max_iter, dtype=torch.int64, device=dev)
+    stop_reason = f"max_iter ({config.max_iter})"
     labels = None
     n_iter = config.max_iter
     for it in range(config.max_iter):
-        at_check = (it + 1) % stopper.every == 0 or it + 1 == config.max_iter
+        at_check = (it + 1) % every == 0 or it + 1 == config.max_iter
         loss, labels, k = run_step(refresh_alignment=at_check or it == 0)
-        loss_hist[it] = loss
-        k_hist[it] = k
+        loss_hist[0, it] = loss
+        k_hist[0, it] = k
         if at_check:
-            if not bool(torch.isfinite(loss_hist[max(0, it + 1 - stopper.every) : it + 1]).all()):
+            res = stopper.check([True], [it], loss_hist, k_hist, labels.unsqueeze(0))
+            if not res.finite[0]:
                 raise RefinementDivergedError(
                     f"refinement diverged: the loss is NaN or infinite by iteration {it + 1} "
                     f"(lr={config.lr:g}); lower lr or check the weights of the losses"
                 )
             if callback is not None:
-                callback(it, float(loss_hist[it]), int(k_hist[it]))
-            reason = stopper.check(it, k_hist, labels)
-            if reason is None and deadline is not None and time.perf_counter() > deadline:
-                reason = "time budget" + (f" ({budget:g} s)" if budget is not None else "")
-            if reason is not None:
-                stop_reason, n_iter = reason, it + 1
+                callback(it, res.loss[0], res.k[0])
+            if res.reasons[0] is not None:
+                stop_reason, n_iter = res.reasons[0], it + 1
                 break
 
     assert labels is not None
-    labels = _final_labels(state.model, state.x, labels, config)
+    labels = final_labels(state.model, state.x, labels, config)
     return RefineResult(
         labels=labels,
         n_iter=n_iter,
-        loss_history=loss_hist[:n_iter].tolist(),
-        k_history=k_hist[:n_iter].tolist(),
+        loss_history=loss_hist[0, :n_iter].tolist(),
+        k_history=k_hist[0, :n_iter].tolist(),
         stop_reason=stop_reason,
         opt_clusters=state.opt_clusters,
         seconds=time.perf_counter() - t0,
@@ -478,9 +363,11 @@ def _silhouette_phase(
 
 
 @torch.no_grad()
-def _final_labels(
+def final_labels(
     model: RefineNet, x: torch.Tensor, last: torch.Tensor, config: RefineConfig
 ) -> torch.Tensor:
+    """The labels a refinement returns: the last iteration's (``final_pass="last"``) or one
+    more forward in train or eval mode."""
     if config.final_pass == "last":
         return last
     model.train(config.final_pass == "train")

@@ -96,8 +96,8 @@ class SegmentRun:
     def many(self, items: list, resume: bool) -> list[str | BaseException]:
         """Process ``items`` with one :func:`dynaguide.segment_batch` call; per item its
         outcome ("done", "skipped", "busy") or the exception that failed it."""
-        from dynaguide.batch import segment_batch
         from dynaguide.io import load_image
+        from dynaguide.segment_many import segment_batch
 
         outcomes: list[str | BaseException] = ["busy"] * len(items)
         held, ready = [], []

@@ -14,6 +14,11 @@ verifies it against torch on a fresh input of another size and returns an
 (provider order CUDA -> CPU, I/O binding). The command line is ``dynaguide export``
 (:mod:`dynaguide.export.cli`). Importing this package imports neither ``onnx`` nor
 ``onnxruntime``.
+
+Modules: :mod:`~dynaguide.export.onnx_model` (the exporter, verification, metadata),
+:mod:`~dynaguide.export.ort_session` (ONNX Runtime sessions),
+:mod:`~dynaguide.export.segformer`, :mod:`~dynaguide.export.vit_attention`,
+:mod:`~dynaguide.export.refine` (one exporter per model) and :mod:`~dynaguide.export.cli`.
 """
 
 from __future__ import annotations
@@ -22,21 +27,24 @@ from typing import TYPE_CHECKING
 
 from dynaguide._lazy import attach as _attach
 
-#: public name -> the module that defines it (imported on first access).
+#: public name -> the module that defines it (imported on first access, so that
+#: ``import dynaguide.export`` stays light and the guides can import the session and export
+#: modules without an import cycle through this package).
 _LAZY: dict[str, str] = {
-    "ExportReport": "dynaguide.guidance.ort",
-    "ImagePreprocessor": "dynaguide.guidance.ort",
-    "OrtSession": "dynaguide.guidance.ort",
-    "export_onnx": "dynaguide.guidance.ort",
+    "ExportReport": "dynaguide.export.onnx_model",
+    "ImagePreprocessor": "dynaguide.guidance.pretrained",
+    "OrtSession": "dynaguide.export.ort_session",
+    "export_onnx": "dynaguide.export.onnx_model",
     "export_refine_net": "dynaguide.export.refine",
-    "export_segformer": "dynaguide.guidance.segformer",
-    "export_vit_attention": "dynaguide.guidance.diffseg",
+    "export_segformer": "dynaguide.export.segformer",
+    "export_vit_attention": "dynaguide.export.vit_attention",
     "load_refine_checkpoint": "dynaguide.export.refine",
-    "read_metadata": "dynaguide.guidance.ort",
-    "select_providers": "dynaguide.guidance.ort",
+    "read_metadata": "dynaguide.export.onnx_model",
+    "select_providers": "dynaguide.export.ort_session",
+    "verify_image_model": "dynaguide.export.onnx_model",
 }
 
-__all__ = [
+__all__ = [  # the names of _LAZY
     "ExportReport",
     "ImagePreprocessor",
     "OrtSession",
@@ -47,20 +55,21 @@ __all__ = [
     "load_refine_checkpoint",
     "read_metadata",
     "select_providers",
+    "verify_image_model",
 ]
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from dynaguide.export.refine import export_refine_net, load_refine_checkpoint
-
-    from dynaguide.guidance.diffseg import export_vit_attention
-    from dynaguide.guidance.ort import (
+    from dynaguide.export.onnx_model import (
         ExportReport,
-        ImagePreprocessor,
-        OrtSession,
         export_onnx,
         read_metadata,
-        select_providers,
+        verify_image_model,
     )
-    from dynaguide.guidance.segformer import export_segformer
+    from dynaguide.export.ort_session import OrtSession, select_providers
+    from dynaguide.export.refine import export_refine_net, load_refine_checkpoint
+    from dynaguide.export.segformer import export_segformer
+    from dynaguide.export.vit_attention import export_vit_attention
+
+    from dynaguide.guidance.pretrained import ImagePreprocessor
 
 __getattr__, __dir__ = _attach(__name__, _LAZY)

@@ -103,13 +103,13 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _segformer(args: argparse.Namespace) -> Any:
-    from dynaguide.guidance.segformer import export_segformer
+    from dynaguide.export.segformer import export_segformer
 
     return export_segformer(args.checkpoint, args.out, atol=args.atol, seed=args.seed)
 
 
 def _vit(args: argparse.Namespace) -> Any:
-    from dynaguide.guidance.diffseg import export_vit_attention
+    from dynaguide.export.vit_attention import export_vit_attention
 
     size = tuple(args.size) if args.size else None
     return export_vit_attention(

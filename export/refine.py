@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dynaguide.export.onnx_model import (
+    METADATA_PREFIX,
+    ExportReport,
+    export_onnx,
+    verify_image_model,
+)
 from torch import nn
 
 from dynaguide.errors import ModelFileError, first_line
-from dynaguide.guidance.ort import METADATA_PREFIX, ExportReport, export_onnx, verify_image_model
 
 __all__ = ["BatchStatNorm", "export_refine_net", "load_refine_checkpoint"]
 

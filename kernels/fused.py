@@ -1,5 +1,9 @@
 """The whole DynaGuide / DynaSeg / DFC objective and its gradient in two passes (Triton).
 
+(Over 400 lines: one file per op, as for the other kernels -- the two ``@triton.jit``
+passes, their launcher, the autograd Function and the public entry point with its checks
+are one unit, and the gradient derivation below explains all of them.)
+
     total = similarity_weight * CE(r, argmax r) + w(K_eff) * continuity(r)
             + guidance_weight * CE_ignore(r, target)
 
@@ -56,11 +60,14 @@ backward per forward (the stored gradient is scaled in place).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from dynaguide.objective import ObjectiveResult
+from dynaguide.objective import objective_reference as dynaguide_loss_reference  # noqa: F401
 
 from ._common import (
     WEIGHT_MODES,
@@ -79,9 +86,11 @@ from ._common import (
     _stats_loop,
     check_continuity_options,
     check_int,
+    check_number,
     check_reduction,
     check_response,
     check_target,
+    check_target_values,
     direction_counts,
     geometry,
     grad_strides,
@@ -93,13 +102,8 @@ from ._common import (
 )
 from ._finalize import GradStore, finalize
 
-
-class DynaGuideLoss(NamedTuple):
-    """Result of :func:`dynaguide_loss` (unpacks as ``loss, labels, n_labels``)."""
-
-    loss: torch.Tensor
-    labels: torch.Tensor
-    n_labels: torch.Tensor
+#: Result of :func:`dynaguide_loss` (unpacks as ``loss, labels, n_labels``).
+DynaGuideLoss = ObjectiveResult
 
 
 @jit_any_size
@@ -297,17 +301,6 @@ def _weight_mode(weight: str) -> int:
     return WEIGHT_MODES[weight]
 
 
-def _check_number(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not (v > 0 if positive else v >= 0) or v == float("inf"):
-        raise ValueError(
-            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
-        )
-    return v
-
-
 def _check_k_min(k_min: Any, lay: Layout) -> tuple[torch.Tensor | None, int]:
     """k_min as (tensor or None, scalar floor)."""
     if k_min is None:
@@ -474,7 +467,7 @@ def fused_forward(
     return loss, labels, k, grad
 
 
-class FusedDynaGuideLoss(torch.autograd.Function):
+class DynaGuideLossFunction(torch.autograd.Function):
     """autograd Function of :func:`dynaguide_loss` (gradient from pass 2, rescaled in backward)."""
 
     @staticmethod
@@ -523,17 +516,17 @@ def _options(
     mode = _weight_mode(weight)
     check_continuity_options(penalty, neighbors, delta)
     param = (
-        _check_number("mu", mu, positive=False)
+        check_number("mu", mu, positive=False)
         if mode == 0
-        else _check_number("beta", beta, positive=True)
+        else check_number("beta", beta, positive=True)
         if mode == 1
-        else _check_number("scf_mu", scf_mu, positive=True)
+        else check_number("scf_mu", scf_mu, positive=True)
     )
     return {
         "weight_mode": mode,
         "weight_param": param,
-        "similarity_weight": _check_number("similarity_weight", similarity_weight, positive=False),
-        "guidance_weight": _check_number("guidance_weight", guidance_weight, positive=False),
+        "similarity_weight": check_number("similarity_weight", similarity_weight, positive=False),
+        "guidance_weight": check_number("guidance_weight", guidance_weight, positive=False),
         "penalty": penalty,
         "neighbors": neighbors,
         "delta": float(delta),
@@ -558,6 +551,7 @@ def dynaguide_loss(
     delta: float = 1.0,
     ignore_index: int = -1,
     reduction: str = "mean",
+    validate: bool = True,
 ) -> DynaGuideLoss:
     """Fused refinement objective: similarity + w(K) * continuity + guidance, with gradient.
 
@@ -594,6 +588,9 @@ def dynaguide_loss(
         Target value without guidance.
     reduction : {"mean", "sum", "none"}
         Over the N images (``"none"``: per-image totals).
+    validate : bool
+        Raise ValueError on a target class ``>= C`` (one host synchronisation on a GPU;
+        the refinement loop, whose targets come from the guide aligner, passes False).
 
     Returns
     -------
@@ -624,63 +621,10 @@ def dynaguide_loss(
     )
     kt, ks = _check_k_min(k_min, lay)
     if target is not None:
-        check_target(target, lay)
-    loss, labels, k = FusedDynaGuideLoss.apply(response, target, kt, {**opts, "k_min_scalar": ks})
+        t = check_target(target, lay)
+        if validate and opts["guidance_weight"] != 0:
+            check_target_values(t, lay.c, opts["ignore_index"])
+    loss, labels, k = DynaGuideLossFunction.apply(
+        response, target, kt, {**opts, "k_min_scalar": ks}
+    )
     return DynaGuideLoss(loss, labels, k)
-
-
-def dynaguide_loss_reference(
-    response: torch.Tensor,
-    target: torch.Tensor | None = None,
-    *,
-    weight: str = "fsf",
-    mu: float = 1.0,
-    beta: float = 15.0,
-    scf_mu: float = 50.0,
-    k_min: int | torch.Tensor | None = None,
-    similarity_weight: float = 1.0,
-    guidance_weight: float = 1.0,
-    penalty: str = "huber",
-    neighbors: int = 8,
-    delta: float = 1.0,
-    ignore_index: int = -1,
-    reduction: str = "mean",
-) -> DynaGuideLoss:
-    """The same objective composed from the plain PyTorch references of :mod:`dynaguide.losses`.
-
-    Runs on any device (it is what the training loop computes without the fused path).
-    Parameters and returns as :func:`dynaguide_loss`.
-    """
-    from dynaguide import losses
-
-    mode = _weight_mode(weight)
-    red = check_reduction(reduction)
-    sim, labels, k = losses.similarity_loss_reference(response, reduction="none")
-    keff = k
-    if isinstance(k_min, torch.Tensor):
-        keff = torch.maximum(keff, k_min.to(keff.dtype))
-    elif k_min is not None:
-        keff = keff.clamp_min(int(k_min))
-    kf = keff.to(sim.dtype)
-    if mode == 0:
-        w = torch.full_like(kf, float(mu))
-    elif mode == 1:
-        w = kf / beta
-    else:
-        w = scf_mu / kf.clamp_min(1.0)
-    total = similarity_weight * sim
-    if not (mode == 0 and mu == 0):
-        cont = losses.continuity_loss_reference(
-            response, penalty=penalty, neighbors=neighbors, delta=delta, reduction="none"
-        )
-        total = total + w * cont
-    if target is not None and guidance_weight != 0:
-        guide = losses.guidance_loss_reference(
-            response, target, ignore_index=ignore_index, reduction="none"
-        )
-        total = total + guidance_weight * guide
-    if red == 1:
-        total = total.mean()
-    elif red == 2:
-        total = total.sum()
-    return DynaGuideLoss(total, labels, k)

@@ -36,6 +36,7 @@ from ._common import (
     check_reduction,
     check_response,
     check_target,
+    check_target_values,
     geometry,
     grad_strides,
     jit_any_size,
@@ -195,6 +196,7 @@ def guidance_loss(
     *,
     ignore_index: int = -1,
     reduction: str = "mean",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of the response against guide labels (Triton).
 
@@ -209,6 +211,8 @@ def guidance_loss(
         ``ignore_index``.
     ignore_index : int
     reduction : {"mean", "sum", "none"}
+    validate : bool
+        Raise ValueError on a class ``>= C`` (one host synchronisation on a GPU).
 
     Returns
     -------
@@ -217,4 +221,7 @@ def guidance_loss(
     """
     check_int("ignore_index", ignore_index)
     check_reduction(reduction)
+    if validate:
+        lay = check_response(response)
+        check_target_values(check_target(target, lay), lay.c, int(ignore_index))
     return GuidanceLoss.apply(response, target, int(ignore_index), reduction)

@@ -7,9 +7,16 @@ before triton is imported or any kernel is defined, hence here, first.
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
+# One thread per xdist worker (the workers already run in parallel): set before torch and
+# the native extension's OpenMP runtime start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
 import pytest
 
 # `python -m pytest` in the repository root puts the checkout first on sys.path, where
@@ -19,6 +26,9 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _CHECKOUT]
 
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -55,3 +65,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_global_seeds():
+    """Tests that draw from the global generators (torch, numpy, random) draw the same
+    numbers on every run."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)

@@ -84,7 +84,7 @@ def test_scale_and_downscale_policy():
 
 
 def test_huge_image_without_limit_gives_memory_error(monkeypatch):
-    monkeypatch.setattr("dynaguide.batched.free_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr("dynaguide.batch_memory.free_memory", lambda device: 8 * 2**30)
     img = np.zeros((3000, 3000, 3), np.uint8)  # 9 MP: ~57 GB of activations at 100 channels
     with pytest.raises(MemoryError, match="scale="):
         dynaguide.segment(img, max_pixels=None, max_iter=1)

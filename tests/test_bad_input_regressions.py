@@ -92,7 +92,7 @@ def test_large_downscale_is_reduced_first_and_small_ones_unchanged() -> None:
 def test_onnx_metadata_size_is_bounded_before_allocating(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dynaguide.guidance.ort import ImagePreprocessor
+    from dynaguide.guidance.pretrained import ImagePreprocessor
     from dynaguide.guidance.segformer import SegFormerGuide
 
     meta = {"dynaguide.preprocess": json.dumps({"size": [100000, 100000]})}
@@ -258,7 +258,7 @@ def test_nan_loss_stops_with_a_clear_error(monkeypatch) -> None:
         return (loss * float("nan") if calls["n"] >= 3 else loss), labels, k
 
     monkeypatch.setattr(refine_mod, "objective", poisoned)
-    monkeypatch.setattr(refine_mod, "_fused_objective", lambda device, backend: None)
+    monkeypatch.setattr(refine_mod, "fused_kernel", lambda device, backend: None)
     with pytest.raises(RefinementDivergedError, match=r"probe\.png.*iteration 3"):
         dynaguide.segment(_img(), max_iter=10, min_labels=0, name="probe.png", guidance=None)
     calls["n"] = 0
@@ -280,9 +280,9 @@ def test_connected_components_connectivity_types() -> None:
     from dynaguide.backend import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="backend"):  # documented
-        dynaguide.relabel_sequential(lab, backend="cuda")
+        dynaguide.relabel_compact(lab, backend="cuda")
     with pytest.raises(TypeError, match="backend"):
-        dynaguide.relabel_sequential(lab, backend=3)
+        dynaguide.relabel_compact(lab, backend=3)
 
 
 def test_bsds_scores_with_uint64_labels_above_2_63() -> None:

@@ -1,4 +1,4 @@
-"""Batched refinement equals refining every image alone (dynaguide.batched)."""
+"""Batched refinement equals refining every image alone (dynaguide.batched_refine)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynaguide.batched import (
+from dynaguide.batched_refine import (
     BatchedRefiner,
     auto_batch_size,
     estimate_refine_bytes,
@@ -85,13 +85,8 @@ def test_sparse_checks_as_on_cuda(monkeypatch):
     import dynaguide.refine as refine_mod
 
     every = 3
-    init = refine_mod._Stopper.__init__
-
-    def sparse_init(self, *args, **kwargs):  # the solo loop with the CUDA schedule
-        init(self, *args, **kwargs)
-        self.every = every
-
-    monkeypatch.setattr(refine_mod._Stopper, "__init__", sparse_init)
+    # the solo loop with the CUDA schedule
+    monkeypatch.setattr(refine_mod, "check_interval", lambda config, device: every)
     cfg = get_preset("dynaguide").replace(max_iter=7, min_labels=18, convergence_tol=0.0)
     images = [_image(12, 14, s) for s in range(4)]
     guides = [_guide(img, i) if i % 2 else None for i, img in enumerate(images)]
@@ -197,8 +192,8 @@ def test_grouped_forward_and_gradient_equal_solo():
         (r[0] * coef[i]).sum().backward()
         grads = dict(solo.model.named_parameters())
         for name, p in grads.items():
-            lay = engine.param_layout[name]
-            err = (lay.to_solo(engine.params[name].grad[i]) - p.grad).abs().max().item()
+            lay = engine.net.layout[name]
+            err = (lay.to_solo(engine.net.params[name].grad[i]) - p.grad).abs().max().item()
             # round-off relative to the gradient scale of the layer: biases before a
             # BatchNorm have a zero gradient in exact arithmetic, so only the round-off of
             # the layer's (weight-sized) terms is left there
@@ -281,9 +276,9 @@ def test_segment_batch_batched_equals_sequential(tmp_path):
 
 def test_memory_error_when_one_image_does_not_fit(monkeypatch):
     import dynaguide
-    import dynaguide.batched as batched_mod
+    import dynaguide.batch_memory as memory_mod
 
-    monkeypatch.setattr(batched_mod, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(memory_mod, "free_memory", lambda device: 1000)
     cfg = get_preset("dfc").replace(max_iter=2)
     with pytest.raises(MemoryError, match="20x16"):
         refine_batch([_image(16, 20, 0)], cfg, batch_size=2)

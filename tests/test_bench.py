@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynaguide import bench
+from dynaguide import bench_cli as bench
 
 
 @pytest.fixture

@@ -37,7 +37,18 @@ def test_kernels_script_tiny(tmp_path):
     module = _load("kernels")
     assert module.main(["--tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
     data = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
-    assert data
+    assert data["benchmark"] == "kernels" and data["rows"]
+    ops = {row["op"] for row in data["rows"]}
+    want = {"continuity (huber, 8)", "similarity", "guidance", "fused dynaguide_loss"}
+    assert {op + " fwd+bwd" for op in want} <= ops, ops
+    for row in data["rows"]:
+        for key in ("fast_s", "reference_s"):
+            s = row[key]
+            assert 0 < s["min"] <= s["median"] <= s["max"], (row["op"], key, s)
+        assert row["speedup_median"] == pytest.approx(
+            row["reference_s"]["median"] / row["fast_s"]["median"]
+        )
+        assert len(row["shape"]) in (3, 4) and row["response_bytes"] > 0
 
 
 def test_refine_cpu_authors_loop_matches_the_library_objective():

@@ -109,7 +109,7 @@ def test_sparse_contingency_path_matches_reference():
     pred = rng.permutation(64 * 64).reshape(64, 64)  # every pixel its own segment
     gt = _blocky(rng, (64, 64), 4, 10)
     n_gt = len(np.unique(gt))
-    assert n_gt * pred.size > bb._DENSE_TABLE_FACTOR * pred.size + 4096  # sparse path taken
+    assert n_gt * pred.size > bb.DENSE_TABLE_FACTOR * pred.size + 4096  # sparse path taken
     expected = sum(np.sum(gt == r) * (1 / np.sum(gt == r)) for r in np.unique(gt)) / gt.size
     assert segmentation_covering(pred, [gt]) == pytest.approx(expected)
     assert variation_of_information(pred, [gt]) == pytest.approx(

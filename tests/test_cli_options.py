@@ -178,7 +178,7 @@ def test_paths_from_a_file_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_batch_size_goes_through_segment_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dynaguide.batch as batch
+    import dynaguide.segment_many as batch
 
     calls: list[int] = []
     real = batch.segment_batch
@@ -224,8 +224,8 @@ def test_eval_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_out_defaults_to_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dynaguide import benchmarking
-    from dynaguide.bench import build_parser
+    from dynaguide import bench_utils as benchmarking
+    from dynaguide.bench_cli import build_parser
 
     assert build_parser().parse_args([]).out == Path(".")
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dynaguide import crf
-from dynaguide.native import native_module
+from dynaguide.label_ops import native_module
 
 needs_native = pytest.mark.skipif(
     native_module() is None or not hasattr(native_module(), "dense_crf"),

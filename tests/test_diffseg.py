@@ -331,7 +331,7 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def test_vit_export_is_dynamic_and_verified(vit_onnx) -> None:
-    from dynaguide.guidance.ort import read_metadata
+    from dynaguide.export.onnx_model import read_metadata
 
     path, printed = vit_onnx
     assert float(re.search(r"max_abs_diff (\S+)", printed).group(1)) < 1e-5
@@ -429,7 +429,9 @@ def test_provider_bad_inputs(vit_onnx, vit_folder: Path, tmp_path: Path) -> None
 
 def test_fixed_size_fallback_for_registers_model(hf, tmp_path: Path) -> None:
     """DINOv2 with registers cannot export with dynamic H, W: the fixed size is kept and used."""
-    from dynaguide.guidance.diffseg import ViTAttention, export_vit_attention
+    from dynaguide.export import export_vit_attention
+
+    from dynaguide.guidance.diffseg import ViTAttention
 
     folder = tmp_path / "reg"
     cfg = hf.Dinov2WithRegistersConfig(

@@ -166,7 +166,7 @@ def test_segment_best_iou_matches_brute_force_dense_and_sparse(seed, monkeypatch
     pred = rng.integers(0, 1 + rng.integers(1, 30), size=(h, w)) * 1000 - 7
     expected = _brute_best_iou(pred, gt)
     np.testing.assert_allclose(segment_best_iou(pred, gt)[1], expected, rtol=1e-12)
-    monkeypatch.setattr(M, "_DENSE_TABLE_FACTOR", -(10**9))  # force the sparse path
+    monkeypatch.setattr(M, "DENSE_TABLE_FACTOR", -(10**9))  # force the sparse path
     np.testing.assert_allclose(segment_best_iou(pred, gt)[1], expected, rtol=1e-12)
     s = bsds_scores([pred], [[gt]])
     assert s["All"] == pytest.approx(expected.mean(), rel=1e-12)

@@ -175,6 +175,23 @@ def test_evaluate_without_cache_and_limit(tmp_path):
         evaluate(root, segment_fn=fake, connectivity=6)
 
 
+def test_evaluate_takes_a_settings_object(tmp_path):
+    from dynaguide.eval import EvalSettings
+
+    root = _dataset(tmp_path / "val", ids=("a", "b", "c"), corrupt=())
+    fake = FakeSegment()
+    settings = EvalSettings(segment_fn=fake, progress=False, connected_components=False, seed=5)
+    report = evaluate(root, settings, limit=2)  # keyword options override the settings
+    assert len(fake.calls) == 2 and report["n_scored"] == 2
+    assert report["protocol"]["seed"] == 5 and report["protocol"]["limit"] == 2
+    assert all(kwargs.get("seed") == 5 for _, kwargs in fake.calls), fake.calls
+    assert settings.limit is None  # frozen: the override made a copy
+    with pytest.raises(TypeError, match="colour"):
+        evaluate(root, settings, colour=True)
+    with pytest.raises(ValueError, match="connectivity"):
+        EvalSettings(connectivity=6)
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="dynaguide")
     register(parser.add_subparsers(dest="command", required=True))

@@ -22,9 +22,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from dynaguide.export import ExportReport, OrtSession, export_onnx, read_metadata  # noqa: E402
 from dynaguide.export.cli import register  # noqa: E402
+from dynaguide.export.ort_session import select_providers  # noqa: E402
 
 from dynaguide.config import get_preset  # noqa: E402
-from dynaguide.guidance.ort import select_providers  # noqa: E402
 from dynaguide.model import build_model  # noqa: E402
 
 

@@ -165,7 +165,7 @@ def test_build_commit_comes_from_the_generated_build_info(monkeypatch):
 def test_every_result_writer_uses_the_one_commit_function(monkeypatch, tmp_path):
     import torch
 
-    from dynaguide import benchmarking
+    from dynaguide import bench_utils as benchmarking
     from dynaguide.eval import runner
 
     assert runner.code_version is build_info.code_version
@@ -194,10 +194,10 @@ def test_installed_package_points_nowhere_into_a_checkout():
 
 
 def test_bench_without_data_uses_the_bundled_sample_images():
-    from dynaguide import bench
+    from dynaguide import bench_cli, bench_sections
     from dynaguide.config import get_preset
 
-    assert bench.DEFAULT_DATA is None
-    images, names = bench.load_images(None, 2, 0.1, get_preset("dynaguide"))
+    assert bench_cli.DEFAULT_DATA is None
+    images, names = bench_sections.load_images(None, 2, 0.1, get_preset("dynaguide"))
     assert len(images) == len(names) == 2
     assert all(im.ndim == 3 and im.shape[2] == 3 for im in images)

@@ -49,7 +49,7 @@ def test_resize_labels_is_exact_for_large_ids():
 
 
 def test_memory_fit_shrinks_instead_of_failing(monkeypatch):
-    monkeypatch.setattr("dynaguide.batched.free_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr("dynaguide.batch_memory.free_memory", lambda device: 64 * 2**20)
     img = np.zeros((900, 900, 3), np.uint8)
     img[:, 450:] = 255
     with pytest.warns(UserWarning, match="to fit"):
@@ -185,7 +185,7 @@ def test_max_iter_zero_post_processes_the_guide_alone():
 
 
 def test_memory_fit_ignores_images_that_are_not_refined(monkeypatch):
-    monkeypatch.setattr("dynaguide.batched.free_memory", lambda device: 1024)
+    monkeypatch.setattr("dynaguide.batch_memory.free_memory", lambda device: 1024)
     img = np.zeros((40, 60, 3), np.uint8)
     img[:, 30:] = 200
     seg = dynaguide.segment(img)  # the default runs no network: nothing to fit

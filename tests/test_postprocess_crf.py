@@ -8,7 +8,7 @@ import pytest
 import dynaguide
 from dynaguide import crf
 from dynaguide.config import RefineConfig
-from dynaguide.native import native_module
+from dynaguide.label_ops import native_module
 from dynaguide.postprocess import crf_refine, postprocess
 
 pytestmark = pytest.mark.skipif(

@@ -258,7 +258,7 @@ def test_presets_and_colors(value: Any) -> None:
        st.sampled_from([None, "torch", "native", "triton", "x", 3]))  # fmt: skip
 def test_native_label_ops(labels: Any, connectivity: Any, backend: Any) -> None:
     for value in (labels, _tensor(labels)):
-        check(dynaguide.relabel_sequential, value, backend=backend, names=("labels", "backend"))
+        check(dynaguide.relabel_compact, value, backend=backend, names=("labels", "backend"))
         out = check(dynaguide.connected_components, value, connectivity, backend=backend,
                     names=("labels", "connectivity", "backend"))  # fmt: skip
         if not isinstance(out, BaseException):

@@ -147,3 +147,28 @@ def test_fused_triton_objective_matches_reference_path():
         lr, labr, kr = ref.step()
         torch.testing.assert_close(lf.double(), lr.double(), rtol=1e-4, atol=1e-6)
         assert torch.equal(labf, labr) and int(kf) == int(kr)
+
+
+def _amp_dtypes(device):
+    """(response dtype, loss dtype, parameter dtypes) of one amp=True iteration."""
+    cfg = get_preset("dynaguide").replace(max_iter=2, silhouette="off")
+    st = RefineStep(_image(12, 14), cfg, seed=0, amp=True, device=device)
+    seen = []
+    st.model.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    loss, labels, k = st.step()
+    return seen[0], loss.dtype, {p.dtype for p in st.model.parameters()}, labels, k
+
+
+def test_amp_on_cpu_keeps_the_response_losses_and_parameters_in_float32():
+    """amp=True on CPU: only the hidden 3x3 convolutions run in bfloat16 (tests/test_amp_cpu.py);
+    the response, the losses and the parameters (and their SGD state) stay float32."""
+    response, loss, params, labels, k = _amp_dtypes("cpu")
+    assert response == torch.float32 and loss == torch.float32 and params == {torch.float32}
+    assert labels.shape == (12, 14) and 1 <= int(k) <= 100
+
+
+@pytest.mark.gpu
+def test_amp_on_gpu():
+    response, loss, params, labels, k = _amp_dtypes("cuda")
+    assert response == torch.bfloat16 and loss == torch.float32 and params == {torch.float32}
+    assert labels.device.type == "cuda" and 1 <= int(k) <= 100

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dynaguide import refine as refine_mod
-from dynaguide.batched import BatchedRefiner
+from dynaguide.batched_refine import BatchedRefiner
 from dynaguide.config import get_preset
 
 

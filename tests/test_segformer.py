@@ -22,18 +22,16 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
+from dynaguide.export import OrtSession, read_metadata  # noqa: E402
+from dynaguide.export.segformer import segformer_postprocess_model  # noqa: E402
+
 from dynaguide.guidance import get_guide  # noqa: E402
-from dynaguide.guidance.ort import (  # noqa: E402
-    ImagePreprocessor,
-    OrtSession,
-    read_metadata,
-)
+from dynaguide.guidance.pretrained import ImagePreprocessor  # noqa: E402
 from dynaguide.guidance.segformer import (  # noqa: E402
     SEGFORMER_DEFAULTS,
     SegFormerGuide,
     load_segformer,
     logits_to_labels,
-    segformer_postprocess_model,
 )
 
 PREPROCESS = {
@@ -235,9 +233,10 @@ def test_a_named_guide_is_exported_once_per_batch_and_cli_run(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3 images -> 1 ONNX export (before: one per image), in segment_batch and the CLI."""
+    from dynaguide.export import segformer as module
+
     import dynaguide
     from dynaguide import cli
-    from dynaguide.guidance import segformer as module
 
     exports: list[Path] = []
     real = module.export_segformer

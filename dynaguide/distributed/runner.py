@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynaguide.api import DEFAULT, DEFAULT_PRESET, build_config
-from dynaguide.batch import _SEGMENT_ARGS
 from dynaguide.config import RefineConfig
 from dynaguide.distributed.sources import SourceItem, is_uri, list_source, resolve_uri
 from dynaguide.distributed.store import OutputStore, id_key
 from dynaguide.distributed.worker import RECORD_FIELDS, SegmentWorker
+from dynaguide.segment_many import _SEGMENT_ARGS
 
 __all__ = ["DatasetRun", "segment_dataset"]
 

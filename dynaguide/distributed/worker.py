@@ -113,7 +113,7 @@ class SegmentWorker:
         import torch
 
         from dynaguide.api import DEFAULT, build_config
-        from dynaguide.batch import _SEGMENT_ARGS
+        from dynaguide.segment_many import _SEGMENT_ARGS
         from dynaguide.settings import as_seed, resolve_guidance
 
         torch.set_num_threads(max(1, int(threads)))
@@ -212,7 +212,7 @@ class SegmentWorker:
         parts: list[dict[str, Any]],
     ) -> None:
         """Load, segment (one :func:`dynaguide.segment_batch` call) and write ``pending``."""
-        from dynaguide.batch import segment_batch
+        from dynaguide.segment_many import segment_batch
 
         loaded = []
         for row, rec in pending:

@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "coco_scores": "dynaguide.eval.metrics",
     "coco_scores_per_image_matching": "dynaguide.eval.metrics",
     "confusion_matrix": "dynaguide.eval.metrics",
+    "EvalSettings": "dynaguide.eval.settings",
     "evaluate": "dynaguide.eval.runner",
     "hungarian_match": "dynaguide.eval.metrics",
     "load_bsds_annotations": "dynaguide.eval.datasets",
@@ -57,6 +58,7 @@ __all__ = [
     "BSDS500Dataset",
     "DatasetError",
     "DatasetItem",
+    "EvalSettings",
     "FolderDataset",
     "boundary_map",
     "boundary_precision_recall",
@@ -122,5 +124,6 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         voc_scores,
     )
     from dynaguide.eval.runner import evaluate, load_cached, summarize
+    from dynaguide.eval.settings import EvalSettings
 
 __getattr__, __dir__ = _attach(__name__, _LAZY)

@@ -21,7 +21,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 from scipy.spatial import cKDTree
 
-from dynaguide.eval.metrics import _as_label_map
+from dynaguide.eval.label_maps import as_label_map
 
 __all__ = [
     "boundary_counts",
@@ -49,7 +49,7 @@ def boundary_map(labels: Any) -> np.ndarray:
     -------
     ndarray (H, W) of bool
     """
-    a = _as_label_map(labels, "labels")
+    a = as_label_map(labels, "labels")
     b = np.zeros(a.shape, bool)
     b[:, :-1] |= a[:, :-1] != a[:, 1:]
     b[:-1, :] |= a[:-1, :] != a[1:, :]

@@ -1,6 +1,10 @@
 """The standard BSDS500 region and boundary benchmark (Arbeláez, Maire, Fowlkes, Malik,
 "Contour Detection and Hierarchical Image Segmentation", TPAMI 2011).
 
+(Over 400 lines: the benchmark's four measures share one per-image contingency table and
+one way of combining annotators, so they are computed together here; the boundary
+matching itself is :mod:`dynaguide.eval.boundary_matching`.)
+
 Every measure compares one predicted label map S with each human segmentation G of the
 image (BSDS500: 4-9 annotators) and combines the annotators as the benchmark does:
 
@@ -52,11 +56,11 @@ from dynaguide.eval.boundary_matching import (
     prediction_boundary,
     prf,
 )
-from dynaguide.eval.metrics import (
-    _DENSE_TABLE_FACTOR,
-    _as_label_map,
-    _check_annotations,
-    _compact,
+from dynaguide.eval.label_maps import (
+    DENSE_TABLE_FACTOR,
+    as_label_map,
+    check_annotations,
+    compact_labels,
     relabel_connected_components,
 )
 
@@ -84,8 +88,8 @@ STANDARD_METRICS = {"covering": True, "pri": True, "voi": False, "f": True}
 # ----------------------------------------------------------------------------- inputs
 def _inputs(prediction: Any, annotations: Any, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """Validate a prediction and its annotator list (same (H, W) shape)."""
-    maps = _check_annotations(annotations, f"annotations of {name}")
-    pred = _as_label_map(prediction, name)
+    maps = check_annotations(annotations, f"annotations of {name}")
+    pred = as_label_map(prediction, name)
     if pred.shape != maps[0].shape:
         raise ValueError(f"{name} has shape {pred.shape} but its annotations have {maps[0].shape}")
     return pred, maps
@@ -96,7 +100,7 @@ class _Prediction:
 
     def __init__(self, pred: np.ndarray) -> None:
         self.shape = pred.shape
-        self.ids, self.n = _compact(pred.reshape(-1))
+        self.ids, self.n = compact_labels(pred.reshape(-1))
         self.labels = pred
 
     def points(self, thin: bool) -> np.ndarray:
@@ -107,7 +111,7 @@ def _contingency(
     p_ids: np.ndarray, n_p: int, g_ids: np.ndarray, n_g: int
 ) -> tuple[np.ndarray, ...]:
     """Non-zero cells (g, p, count) of the contingency table, sorted by (g, p)."""
-    if n_g * n_p <= _DENSE_TABLE_FACTOR * g_ids.size + 4096:
+    if n_g * n_p <= DENSE_TABLE_FACTOR * g_ids.size + 4096:
         table = np.bincount(g_ids * n_p + p_ids, minlength=n_g * n_p)
         cells = np.flatnonzero(table)
         counts = table[cells]
@@ -118,7 +122,7 @@ def _contingency(
 
 def _region_scores(pred: _Prediction, gt: np.ndarray) -> tuple[float, float, float]:
     """(covering numerator, Rand index, VoI) of the prediction against one annotation."""
-    g_ids, n_g = _compact(gt.reshape(-1))
+    g_ids, n_g = compact_labels(gt.reshape(-1))
     g, p, c = _contingency(pred.ids, pred.n, g_ids, n_g)
     area_g = np.bincount(g, weights=c, minlength=n_g)
     area_p = np.bincount(p, weights=c, minlength=pred.n)

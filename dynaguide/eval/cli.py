@@ -146,13 +146,13 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``dynaguide eval`` for parsed arguments; returns the exit status."""
     from dynaguide.eval.datasets import DatasetError, open_dataset
     from dynaguide.eval.runner import evaluate
+    from dynaguide.eval.settings import EvalSettings
 
     out = args.out if args.out is not None else _default_out(args)
     guidance = None if str(args.guidance).lower() == "none" else args.guidance
     try:
         dataset = open_dataset(args.kind, args.dataset_dir)
-        report = evaluate(
-            dataset,
+        settings = EvalSettings(
             preset=args.preset,
             guidance=guidance,
             scale=args.scale,
@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             plot=args.plot,
         )
+        report = evaluate(dataset, settings)
     except (DatasetError, ValueError, TypeError, KeyError) as exc:
         print(f"dynaguide eval: error: {exc}", file=sys.stderr)
         return 2

@@ -9,13 +9,10 @@ kept in ``<out>/protocol.json`` and a resume with other settings is refused.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
 import sys
 import time
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,20 +20,21 @@ from typing import Any
 import numpy as np
 
 from dynaguide.build_info import code_version
-from dynaguide.config import DEFAULT_PRESET
 from dynaguide.errors import image_failure
 from dynaguide.eval.bsds_benchmark import standard_image_scores, standard_scores
 from dynaguide.eval.datasets import BSDS500Dataset, DatasetItem, FolderDataset, open_dataset
-from dynaguide.eval.metrics import (
-    BSDS_MODES,
-    _prepare_prediction,
-    bsds_image_scores,
-    voc_image_scores,
+from dynaguide.eval.label_maps import prepare_prediction
+from dynaguide.eval.metrics import BSDS_MODES, bsds_image_scores, voc_image_scores
+from dynaguide.eval.prediction_cache import (
+    CACHE_FORMAT,
+    check_protocol,
+    load_cached,
+    save_cached,
 )
+from dynaguide.eval.settings import EvalSettings
+from dynaguide.io import to_jsonable
 
-__all__ = ["CACHE_FORMAT", "code_version", "evaluate", "load_cached", "summarize"]
-
-CACHE_FORMAT = 1
+__all__ = ["CACHE_FORMAT", "EvalSettings", "code_version", "evaluate", "load_cached", "summarize"]
 
 _SCORE_DOC = {
     "raw": "prediction scored as returned by dynaguide.segment",
@@ -70,12 +68,6 @@ _VOC_DOC = (
 )
 
 
-def _jsonable(obj: Any) -> Any:
-    from dynaguide.io import to_jsonable
-
-    return to_jsonable(obj)
-
-
 def _guidance_name(guidance: Any) -> Any:
     if guidance is None or isinstance(guidance, str):
         return guidance
@@ -106,84 +98,6 @@ def _stopping_rule(config: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- cache
-def _write_atomic(path: Path, data: bytes) -> None:
-    from dynaguide.io import write_atomic
-
-    write_atomic(path, data)
-
-
-def _save_cached(path: Path, seg: Any, meta: dict[str, Any]) -> None:
-    labels = np.asarray(seg.labels)
-    arrays: dict[str, np.ndarray] = {
-        "labels": labels.astype(np.uint16)
-        if labels.min() >= 0 and labels.max() < 65536
-        else labels,
-        "loss": np.asarray(seg.history.get("loss", []), dtype=np.float64),
-        "n_labels": np.asarray(seg.history.get("n_labels", []), dtype=np.int64),
-        "meta": np.array(json.dumps(_jsonable(meta))),
-    }
-    if seg.guide_labels is not None:
-        arrays["guide_labels"] = np.asarray(seg.guide_labels, dtype=np.int32)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    _write_atomic(path, buf.getvalue())
-
-
-def load_cached(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read one cached prediction: ``labels``, ``guide_labels`` (or None), ``history``
-    (``loss``, ``n_labels`` lists) and ``meta`` (n_labels, n_iter, seconds,
-    stop_reason, ...).
-
-    Raises
-    ------
-    ValueError
-        If the file is corrupt or not a dynaguide prediction cache.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {
-                "labels": z["labels"].astype(np.int32),
-                "guide_labels": z["guide_labels"] if "guide_labels" in z.files else None,
-                "history": {"loss": z["loss"].tolist(), "n_labels": z["n_labels"].tolist()},
-                "meta": json.loads(str(z["meta"])),
-            }
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: corrupt prediction cache ({exc})") from None
-    if out["meta"].get("cache_format") != CACHE_FORMAT:
-        raise ValueError(
-            f"{path}: cache format {out['meta'].get('cache_format')} != {CACHE_FORMAT}"
-        )
-    return out
-
-
-def _check_protocol(
-    cache_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
-) -> None:
-    pred_dir = cache_dir / "predictions"
-    n_cached = len(list(pred_dir.glob("*.npz"))) if pred_dir.is_dir() else 0
-    proto_path = cache_dir / "protocol.json"
-    if n_cached and not (resume or overwrite):
-        raise ValueError(
-            f"{cache_dir} already holds {n_cached} cached prediction(s); resume them "
-            "(--resume / resume=True), overwrite them (--overwrite) or choose another output folder"
-        )
-    if n_cached and resume and not overwrite and proto_path.exists():
-        try:
-            old = json.loads(proto_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"{proto_path}: unreadable ({exc}); remove it or use --overwrite"
-            ) from None
-        diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-        if diff:
-            listed = ", ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{cache_dir} holds predictions made with other settings ({listed}); "
-                "use another output folder or --overwrite"
-            )
-    _write_atomic(proto_path, (json.dumps(fingerprint, indent=2) + "\n").encode())
-
-
 # ------------------------------------------------------------------------- scoring
 def _score(
     item_kind: str,
@@ -195,7 +109,7 @@ def _score(
     resize: bool,
 ) -> dict[str, Any]:
     if item_kind == "bsds":
-        pred = _prepare_prediction(
+        pred = prepare_prediction(
             labels,
             annotations[0].shape,
             name="prediction",
@@ -251,24 +165,8 @@ def summarize(images: list[dict[str, Any]], metric: str, key: str) -> dict[str, 
 # ------------------------------------------------------------------------- runner
 def evaluate(
     dataset: BSDS500Dataset | FolderDataset | str | os.PathLike[str],
-    *,
-    preset: str = DEFAULT_PRESET,
-    guidance: Any = "default",
-    scale: float | None = None,
-    max_iter: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    cache_dir: str | os.PathLike[str] | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-    connected_components: bool = True,
-    connectivity: int = 8,
-    resize: bool = False,
-    resume: bool = True,
-    overwrite: bool = False,
-    plot: bool = False,
-    n_plot: int = 4,
-    segment_fn: Callable[..., Any] | None = None,
+    settings: EvalSettings | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Segment and score a dataset; returns (and with ``cache_dir`` writes) a report.
 
@@ -277,30 +175,11 @@ def evaluate(
     dataset : dataset object or path
         A :class:`BSDS500Dataset` / :class:`FolderDataset`, or a folder (layout
         detected: ``gt/`` -> BSDS500, else images/ + masks/).
-    preset, guidance, scale, max_iter, seed, device
-        Passed to :func:`dynaguide.segment` (``guidance="default"``: the preset's).
-    cache_dir : path, optional
-        Output folder: ``predictions/<id>.npz`` (cache), ``protocol.json``,
-        ``report.json`` and, with ``plot``, ``plots/*.png``. None: nothing is written.
-    limit : int, optional
-        Only the first ``limit`` images (sorted ids).
-    progress : bool
-        tqdm progress bar on stderr.
-    connected_components : bool
-        Also score each prediction after relabelling it into connected components
-        (reported under ``"cc8"`` / ``"cc4"`` next to ``"raw"``).
-    connectivity : {4, 8}
-    resize : bool
-        Nearest-neighbour resize predictions to the annotation size when they differ.
-    resume : bool
-        Reuse cached predictions made with the same settings (refused if they differ).
-    overwrite : bool
-        Recompute and overwrite cached predictions.
-    plot : bool
-        Write a comparison grid and a loss / K curve PNG for the first ``n_plot``
-        scored images (needs ``cache_dir``).
-    segment_fn : callable, optional
-        Replaces :func:`dynaguide.segment` (same keywords); for tests.
+    settings : EvalSettings, optional
+        How to segment, score and write (default: ``EvalSettings()``).
+    **options
+        Fields of :class:`EvalSettings` (``preset=``, ``cache_dir=``, ``limit=``, ...)
+        overriding those of ``settings``.
 
     Returns
     -------
@@ -308,20 +187,23 @@ def evaluate(
         ``protocol`` (all settings, dataset, code version), ``scores`` (``raw`` and
         ``cc<N>``: dataset-level All / Fine / Coarse / Mean or mIoU with segment
         counts; for BSDS500 also ``standard``: Covering, PRI, VoI, boundary precision /
-        recall / F of :func:`dynaguide.eval.standard_scores`), ``images`` (per-image records), ``failed`` (id and error of every
-        image that could not be scored), ``n_images``, ``n_scored``, ``seconds``.
+        recall / F of :func:`dynaguide.eval.standard_scores`), ``images`` (per-image
+        records), ``failed`` (id and error of every image that could not be scored),
+        ``n_images``, ``n_scored``, ``seconds``.
 
     Raises
     ------
     ValueError
         Bad settings, or a cache made with other settings.
+    TypeError
+        An option that is not a field of :class:`EvalSettings`.
     """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
-    if plot and cache_dir is None:
-        raise ValueError("plot=True needs a cache_dir to write the figures to")
+    st = EvalSettings(**options) if settings is None else dataclasses.replace(settings, **options)
+    preset, guidance, scale, max_iter = st.preset, st.guidance, st.scale, st.max_iter
+    seed, device, cache_dir, limit = st.seed, st.device, st.cache_dir, st.limit
+    connected_components, connectivity, resize = st.connected_components, st.connectivity, st.resize
+    resume, overwrite, plot, n_plot = st.resume, st.overwrite, st.plot, st.n_plot
+    segment_fn = st.segment_fn
     ds = open_dataset("auto", dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     items: list[DatasetItem] = list(ds.items[:limit] if limit else ds.items)
     metric = ds.metric
@@ -337,7 +219,7 @@ def evaluate(
         "scale": scale,
         "max_iter": max_iter,
         "seed": seed,
-        "config": _jsonable(dataclasses.asdict(config))
+        "config": to_jsonable(dataclasses.asdict(config))
         if dataclasses.is_dataclass(config)
         else None,
         "cache_format": CACHE_FORMAT,
@@ -363,14 +245,14 @@ def evaluate(
     }
     out_dir = Path(cache_dir) if cache_dir is not None else None
     if out_dir is not None:
-        _check_protocol(out_dir, fingerprint, resume=resume, overwrite=overwrite)
+        check_protocol(out_dir, fingerprint, resume=resume, overwrite=overwrite)
 
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     plot_rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     bar = None
-    if progress:
+    if st.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc=f"eval {ds.kind}", unit="img", file=sys.stderr)
@@ -380,14 +262,7 @@ def evaluate(
                 item,
                 metric=metric,
                 segment_fn=segment_fn,
-                kwargs={
-                    "preset": preset,
-                    "guidance": guidance,
-                    "scale": scale,
-                    "max_iter": max_iter,
-                    "seed": seed,
-                    "device": device,
-                },
+                kwargs=st.segment_kwargs(),
                 out_dir=out_dir,
                 resume=resume and not overwrite,
                 cc=connected_components,
@@ -490,7 +365,7 @@ def _run_one(
             if keep_for_plot and image is None:
                 image = item.load_image()
             if cache_path is not None:
-                _save_cached(cache_path, seg, meta)
+                save_cached(cache_path, seg, meta)
         scores = {
             "raw": _score(
                 metric, labels, annotations, cc=False, connectivity=connectivity, resize=resize

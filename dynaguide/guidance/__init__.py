@@ -8,6 +8,7 @@ a :class:`Guide` instance, or any callable ``rgb_uint8 -> (H, W) labels``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,19 +43,30 @@ register_guide(
 register_guide("slic", SlicGuide, description="SLIC superpixels (scikit-image)")
 
 
-def _register_learned() -> None:
-    """Register the ONNX-backed guides; their heavy imports happen only when built."""
-    import importlib
+def _lazy_factory(module: str, attr: str) -> Callable[..., Any]:
+    """A guide factory that imports ``module`` (and its ONNX plumbing) only when a guide
+    is built, so ``import dynaguide`` stays light."""
 
-    for module in ("dynaguide.guidance.segformer", "dynaguide.guidance.diffseg"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    def factory(**options: Any) -> Any:
+        return getattr(importlib.import_module(module), attr)(**options)
+
+    factory.__qualname__ = factory.__name__ = f"{module}.{attr}"
+    return factory
 
 
-_register_learned()
+register_guide(
+    "segformer",
+    _lazy_factory("dynaguide.guidance.segformer", "segformer_guide_factory"),
+    description="SegFormer class ids via ONNX Runtime "
+    "(options: checkpoint=folder or .onnx, device, backend)",
+)
+register_guide(
+    "diffseg",
+    _lazy_factory("dynaguide.guidance.diffseg", "diffseg_guide_factory"),
+    description="DiffSeg attention merging over ViT/DINO/DINOv2 self-attention "
+    "via ONNX Runtime "
+    "(options: checkpoint=folder or .onnx, tau, num_points, layers, size, refine)",
+)
 
 
 def _call_guide(

@@ -75,3 +75,21 @@ def get_guide(name: str, **options: Any) -> Guide:
         known = ", ".join(sorted(_REGISTRY)) or "(none)"
         raise KeyError(f"unknown guide {name!r}; registered guides: {known}")
     return _REGISTRY[key][0](**options)
+
+
+def check_rgb_image(image: Any, name: str) -> np.ndarray:
+    """Return ``image`` if it is a non-empty (H, W, 3) uint8 array, else raise ValueError."""
+    if not (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.dtype == np.uint8
+    ):
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(
+            f"{name} expects an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name} got an empty image of shape {image.shape}")
+    return image

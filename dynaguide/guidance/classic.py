@@ -13,22 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynaguide.errors import as_int, as_number
-
-
-def _check_rgb(image: np.ndarray, guide: str) -> None:
-    if not (
-        isinstance(image, np.ndarray)
-        and image.ndim == 3
-        and image.shape[2] == 3
-        and image.dtype == np.uint8
-    ):
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise ValueError(
-            f"guide {guide!r} expects an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"guide {guide!r} got an empty image of shape {image.shape}")
+from dynaguide.guidance.base import check_rgb_image
 
 
 @dataclass
@@ -76,7 +61,7 @@ class KMeansGuide:
         from skimage.color import rgb2lab
         from sklearn.cluster import KMeans
 
-        _check_rgb(image, self.name)
+        check_rgb_image(image, f"guide {self.name!r}")
         h, w, _ = image.shape
         lab = rgb2lab(image).reshape(-1, 3).astype(np.float32)
         rng = np.random.default_rng(self.seed)
@@ -115,7 +100,7 @@ class FelzenszwalbGuide:
         """(H, W) int32 segment ids of an (H, W, 3) uint8 RGB image."""
         from skimage.segmentation import felzenszwalb
 
-        _check_rgb(image, self.name)
+        check_rgb_image(image, f"guide {self.name!r}")
         return felzenszwalb(
             image, scale=self.scale, sigma=self.sigma, min_size=self.min_size
         ).astype(np.int32)
@@ -140,7 +125,7 @@ class SlicGuide:
         """(H, W) int32 superpixel ids of an (H, W, 3) uint8 RGB image."""
         from skimage.segmentation import slic
 
-        _check_rgb(image, self.name)
+        check_rgb_image(image, f"guide {self.name!r}")
         labels = slic(
             image,
             n_segments=self.n_segments,

@@ -21,7 +21,6 @@ of the checkpoint you point the guide at.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,51 +29,36 @@ import numpy as np
 import torch
 
 from dynaguide.errors import ModelFileError
-from dynaguide.guidance.base import available_guides, register_guide
-from dynaguide.guidance.ort import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from dynaguide.export.onnx_model import (
     METADATA_PREFIX,
     ExportReport,
-    ImagePreprocessor,
-    OrtSession,
     check_onnx_file,
+    read_metadata,
+    temporary_onnx_path,
+)
+from dynaguide.export.ort_session import OrtSession
+from dynaguide.guidance.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImagePreprocessor,
     check_rgb_image,
-    export_onnx,
     load_pretrained,
     read_checkpoint_config,
-    read_metadata,
     require_transformers,
     resolve_torch_device,
-    temporary_onnx_path,
-    verify_image_model,
 )
 
 __all__ = [
     "SEGFORMER_DEFAULTS",
     "SegFormerGuide",
-    "export_segformer",
     "load_segformer",
     "logits_to_labels",
-    "segformer_postprocess_model",
 ]
 
 #: ``SegformerImageProcessor``'s defaults (used when a folder has no preprocessor_config.json).
 SEGFORMER_DEFAULTS = ImagePreprocessor(size=(512, 512), mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_KIND = "segformer"
+SEGFORMER_KIND = "segformer"
 _BACKENDS = ("onnxruntime", "torch")
-
-
-class _LogitsOnly(torch.nn.Module):
-    """``pixel_values (1, 3, H, W) -> logits (1, C, ceil(H/4), ceil(W/4))``."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Class logits at a quarter of the input resolution."""
-        return self.model(pixel_values=pixel_values).logits
 
 
 def load_segformer(checkpoint: str | os.PathLike) -> torch.nn.Module:
@@ -109,134 +93,6 @@ def logits_to_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
         logits, size=tuple(size), mode="bilinear", align_corners=False
     )
     return up.argmax(dim=1)[0].to(torch.int32)
-
-
-def segformer_postprocess_model() -> bytes:
-    """The ONNX graph ``(logits (1, C, h, w) float, size [2] int64) -> labels (1, H, W) int32``.
-
-    ``Resize`` (linear, ``half_pixel``: torch's bilinear with ``align_corners=False``)
-    to ``size``, ``ArgMax`` over the classes, ``Cast`` to int32.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Shape", ["logits"], ["shape"]),
-        helper.make_node(
-            "Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])
-        ),
-        helper.make_node(
-            "Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2])
-        ),
-        helper.make_node("Slice", ["shape", "zero", "two"], ["nc"]),
-        helper.make_node("Concat", ["nc", "size"], ["sizes"], axis=0),
-        helper.make_node(
-            "Resize",
-            ["logits", "", "", "sizes"],
-            ["resized"],
-            mode="linear",
-            coordinate_transformation_mode="half_pixel",
-        ),
-        helper.make_node("ArgMax", ["resized"], ["argmax"], axis=1, keepdims=0),
-        helper.make_node("Cast", ["argmax"], ["labels"], to=TensorProto.INT32),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "segformer_postprocess",
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "classes", "h", "w"]),
-            helper.make_tensor_value_info("size", TensorProto.INT64, [2]),
-        ],
-        [helper.make_tensor_value_info("labels", TensorProto.INT32, [1, "H", "W"])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="dynaguide"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def _fingerprint(folder: Path) -> str:
-    h = hashlib.sha1()
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
-
-
-def export_segformer(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    verify: bool = True,
-    atol: float = 1e-3,
-    opset: int | None = None,
-    seed: int = 0,
-) -> ExportReport:
-    """Export a local SegFormer checkpoint to ONNX (``pixel_values -> logits``, dynamic H, W).
-
-    Parameters
-    ----------
-    checkpoint : path
-        Folder written by ``save_pretrained`` (``config.json`` + weights, optionally
-        ``preprocessor_config.json``).
-    out : path
-        Output ``.onnx`` file. The preprocessing settings are stored in its metadata.
-    verify : bool
-        Compare ONNX Runtime (CPU) with torch on fresh random inputs of shapes different
-        from the export input: the processor's size and an odd size.
-    atol : float
-        Tolerance on ``max |ort - torch| / max(1, max |torch|)``.
-    opset : int, optional
-        Opset for the dynamo exporter.
-    seed : int
-        Seed of the random export and verification inputs.
-
-    Returns
-    -------
-    ExportReport
-        With ``max_abs_diff`` over the verification inputs when ``verify``.
-
-    Raises
-    ------
-    FileNotFoundError, ValueError
-        For a missing or non-SegFormer folder.
-    RuntimeError
-        When verification exceeds ``atol``.
-    """
-    folder = Path(checkpoint)
-    model = load_segformer(folder)
-    pre = ImagePreprocessor.from_pretrained(folder, defaults=SEGFORMER_DEFAULTS)
-    config = model.config
-    meta = {
-        METADATA_PREFIX + "kind": _KIND,
-        METADATA_PREFIX + "num_labels": str(int(config.num_labels)),
-        METADATA_PREFIX + "source_fingerprint": _fingerprint(folder),
-        **pre.to_metadata(),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    example = torch.randn(1, 3, 128, 96, generator=gen)
-    wrapper = _LogitsOnly(model).eval()
-    report = export_onnx(
-        wrapper,
-        example,
-        out,
-        input_name="pixel_values",
-        output_names=["logits"],
-        min_hw=32,
-        metadata=meta,
-        opset=opset,
-    )
-    if verify:
-        shapes = [(1, 3, *(pre.size or (512, 512)))]
-        if report.dynamic:
-            shapes.append((1, 3, 161, 241))
-        else:
-            shapes = [tuple(example.shape)]
-        verify_image_model(report, wrapper, shapes, atol=atol, seed=seed + 1)
-    return report
 
 
 class SegFormerGuide:
@@ -306,8 +162,8 @@ class SegFormerGuide:
         else:
             onnx_file = check_onnx_file(path, what="segformer guide")
             meta = read_metadata(onnx_file)
-            kind = meta.get(METADATA_PREFIX + "kind", _KIND)
-            if kind != _KIND:
+            kind = meta.get(METADATA_PREFIX + "kind", SEGFORMER_KIND)
+            if kind != SEGFORMER_KIND:
                 raise ValueError(
                     f"segformer guide: {str(path)!r} is a {kind!r} export, not a segformer one"
                 )
@@ -327,6 +183,8 @@ class SegFormerGuide:
             fixed = self._session.input_shapes[self._session.input_names[0]][2:]
             if all(isinstance(d, int) for d in fixed):
                 pre = pre.with_size(fixed, source=str(path))
+            from dynaguide.export.segformer import segformer_postprocess_model
+
             self._post = OrtSession(
                 segformer_postprocess_model(), device=device, name=f"{path} (logits to labels)"
             )
@@ -345,11 +203,16 @@ class SegFormerGuide:
     def _session_from_folder(
         self, folder: Path, onnx_path: Any, device: str, threads: int | None, verify: bool
     ) -> OrtSession:
+        # dynaguide.export.segformer loads the model through this module: import it here
+        from dynaguide.export.segformer import export_segformer, segformer_fingerprint
+
         if onnx_path is not None:
             target = Path(onnx_path)
             if target.is_file():
                 meta = read_metadata(target)
-                if meta.get(METADATA_PREFIX + "source_fingerprint") == _fingerprint(folder):
+                if meta.get(METADATA_PREFIX + "source_fingerprint") == segformer_fingerprint(
+                    folder
+                ):
                     return OrtSession(target, device=device, threads=threads)
             self.export_report = export_segformer(folder, target, verify=verify)
             return OrtSession(target, device=device, threads=threads)
@@ -404,7 +267,7 @@ class SegFormerGuide:
         )
 
 
-def _segformer_factory(
+def segformer_guide_factory(
     checkpoint: str | os.PathLike | None = None, **options: Any
 ) -> SegFormerGuide:
     """Registry factory: ``get_guide("segformer", checkpoint=PATH, **options)``."""
@@ -414,12 +277,3 @@ def _segformer_factory(
             "e.g. guidance_options={'checkpoint': 'segformer-b2-ade/'}"
         )
     return SegFormerGuide(checkpoint, **options)
-
-
-if "segformer" not in available_guides():
-    register_guide(
-        "segformer",
-        _segformer_factory,
-        description="SegFormer class ids via ONNX Runtime "
-        "(options: checkpoint=folder or .onnx, device, backend)",
-    )

@@ -1,17 +1,16 @@
 """Label-map utilities backed by the native extension ``dynaguide._native``.
 
-Three operations, each accepting numpy arrays or torch tensors and returning the same
+Two operations, each accepting numpy arrays or torch tensors and returning the same
 kind (torch results stay on the input's device):
 
-* :func:`argmax_relabel` -- channel argmax of a response map, its compact relabelling
-  and the per-label pixel counts, in one pass over the response.
-* :func:`relabel_sequential` -- renumber an integer label map to ``0..K-1``.
+* :func:`relabel_compact` -- renumber an integer label map to ``0..K-1`` (returns the map
+  and K; :func:`relabel_sequential` is its deprecated former name).
 * :func:`connected_components` -- split a label map into 4- or 8-connected regions of
   equal value.
 
-Dispatch (see :mod:`dynaguide.backend`): the C++ kernels run CPU inputs when the
+Dispatch (see :mod:`dynaguide.dispatch`): the C++ kernels run CPU inputs when the
 extension is built; CUDA tensors go to its CUDA kernels when it was compiled with CUDA
-and its runtime sees a device (``relabel_sequential`` has no CUDA kernel and always
+and its runtime sees a device (``relabel_compact`` has no CUDA kernel and always
 uses ``torch.unique`` there). Otherwise a numpy/torch implementation with the same
 results runs. ``backend="native"`` (or ``DYNAGUIDE_BACKEND=native``) forces the
 extension and raises :class:`~dynaguide.backend.BackendUnavailableError` when it cannot
@@ -22,9 +21,9 @@ forced, while an explicit ``backend="triton"`` raises.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import numbers
+import warnings
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -32,8 +31,9 @@ import numpy as np
 import torch
 
 from dynaguide import backend as _backend
+from dynaguide import dispatch
 
-__all__ = ["argmax_relabel", "connected_components", "native_module", "relabel_sequential"]
+__all__ = ["connected_components", "native_module", "relabel_compact", "relabel_sequential"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 _INT32_LIMIT = 2**31
@@ -47,51 +47,10 @@ def native_module() -> ModuleType | None:
     return importlib.import_module("dynaguide._native")
 
 
-@functools.cache
-def _native_cuda_devices() -> int:
-    mod = native_module()
-    if mod is None or not mod.has_cuda():
-        return 0
-    return int(mod.cuda_device_count())
-
-
-def _choose(op: str, device_type: str, backend: str | None, *, cuda_kernel: bool) -> str:
-    """Return ``"native"`` or ``"torch"`` (the numpy/torch fallback) for one call."""
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be None or a backend name, got {backend!r}")
-    explicit = backend.lower() if backend else None
-    if explicit is not None and explicit not in _backend.BACKENDS:
-        raise _backend.BackendUnavailableError(
-            f"backend {backend!r} is not one of {_backend.BACKENDS}"
-        )
-    if explicit == "triton":
-        raise _backend.BackendUnavailableError(f"{op} has no Triton implementation")
-    choice = explicit or _backend.forced()
-    if choice == "torch":
-        return "torch"
-    mod = native_module()
-    if device_type == "cpu":
-        runs, why = mod is not None, "dynaguide._native is not built"
-    elif device_type == "cuda":
-        runs = cuda_kernel and _native_cuda_devices() > 0
-        if not cuda_kernel:
-            why = f"{op} has no CUDA kernel"
-        elif mod is None:
-            why = "dynaguide._native is not built"
-        elif not mod.has_cuda():
-            why = "dynaguide._native was built without CUDA"
-        else:
-            why = "dynaguide._native's CUDA runtime sees no device (driver too old?)"
-    else:
-        runs, why = False, f"no native kernel for device type {device_type!r}"
-    if choice == "native":
-        if not runs:
-            reason = _backend._probe("native")[1] if mod is None else why
-            raise _backend.BackendUnavailableError(
-                f"backend 'native' was forced for {op} but cannot run: {reason}"
-            )
-        return "native"
-    return "native" if runs else "torch"
+def _choose(op: str, device_type: str, backend: str | None) -> str:
+    """``"native"`` or ``"torch"`` (the numpy/torch fallback) for one call (see
+    :mod:`dynaguide.dispatch`)."""
+    return dispatch.resolve(op, torch.device(device_type), backend).backend
 
 
 def _cuda_scratch(nbytes: int, like: torch.Tensor) -> torch.Tensor:
@@ -137,14 +96,16 @@ def _check_int_labels(labels: Any, name: str, ndims: tuple[int, ...]) -> str:
     return kind
 
 
-# ------------------------------------------------------------------ relabel_sequential
-def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
+# ------------------------------------------------------------------ relabel_compact
+def relabel_compact(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
     """Renumber an integer label map to ``0..K-1`` in increasing order of the values.
 
     The value ``v`` becomes its rank among the distinct values of ``labels``:
     the smallest present value maps to 0, the largest to ``K - 1``. This is
-    ``skimage.segmentation.relabel_sequential`` with offset 0 and without its special
-    background 0, and equals ``np.unique(labels, return_inverse=True)``. Negative
+    the relabelled map of ``skimage.segmentation.relabel_sequential`` with offset 0 and
+    without its special background 0 (that function also returns the forward and inverse
+    maps; this one returns the map and K), and equals ``np.unique(labels,
+    return_inverse=True)``. Negative
     values are allowed and rank like any other (so ``-1`` sorts before ``0``).
 
     Parameters
@@ -174,7 +135,7 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
     Examples
     --------
     >>> import numpy as np
-    >>> compact, k = relabel_sequential(np.array([[7, 7, 3], [-2, 3, 100]]))
+    >>> compact, k = relabel_compact(np.array([[7, 7, 3], [-2, 3, 100]]))
     >>> compact
     array([[2, 2, 1],
            [0, 1, 3]], dtype=int32)
@@ -185,7 +146,7 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
     n = labels.size if kind == "numpy" else labels.numel()
     big = n >= _INT32_LIMIT
     device_type = labels.device.type if kind == "torch" else "cpu"
-    choice = _choose("relabel_sequential", device_type, backend, cuda_kernel=False)
+    choice = _choose("relabel_compact", device_type, backend)
     if kind == "numpy":
         out_dtype = np.int64 if big else np.int32
         if choice == "native":
@@ -204,6 +165,22 @@ def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[A
         return out_t.reshape(labels.shape), int(k)
     uniq_t, inverse_t = torch.unique(src_t, sorted=True, return_inverse=True)
     return inverse_t.reshape(labels.shape).to(out_dtype_t), int(uniq_t.numel())
+
+
+def relabel_sequential(labels: ArrayT, *, backend: str | None = None) -> tuple[ArrayT, int]:
+    """Deprecated name of :func:`relabel_compact` (same arguments and result).
+
+    The name is scikit-image's, whose function returns ``(relabeled, forward_map,
+    inverse_map)``; this one returns ``(compact, K)``. Warns ``DeprecationWarning``.
+    """
+    warnings.warn(
+        "dynaguide.relabel_sequential is deprecated: use dynaguide.relabel_compact (same "
+        "result, (compact, K)); skimage.segmentation.relabel_sequential, whose name it "
+        "borrowed, returns (relabeled, forward_map, inverse_map)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return relabel_compact(labels, backend=backend)
 
 
 # ----------------------------------------------------------------- connected components
@@ -269,7 +246,7 @@ def connected_components(
     h, w = labels.shape[-2:]
     big = h * w >= _INT32_LIMIT
     device_type = labels.device.type if kind == "torch" else "cpu"
-    choice = _choose("connected_components", device_type, backend, cuda_kernel=True)
+    choice = _choose("connected_components", device_type, backend)
 
     if kind == "torch":
         src = labels.detach()
@@ -317,144 +294,3 @@ def _cc_numpy(lab: np.ndarray, connectivity: int, big: bool, choice: str) -> np.
         order[np.argsort(first, kind="stable")] = np.arange(first.size, dtype=out_dtype)
         out[n] = order[np.searchsorted(np.unique(comp), comp)]
     return out
-
-
-# --------------------------------------------------------------------- argmax_relabel
-def argmax_relabel(
-    response: ArrayT, *, validate: bool = True, backend: str | None = None
-) -> tuple[ArrayT, ArrayT, ArrayT, Any]:
-    """Channel argmax of a response map, its compact relabelling and label counts.
-
-    One read of the response gives, per image: the argmax channel of every pixel (the
-    first maximum wins ties, as in ``torch.argmax``), the compact labels (argmax
-    channels renumbered ``0..K-1`` in increasing channel order, i.e.
-    :func:`relabel_sequential` of the argmax), the pixel count of each compact label
-    and the number K of distinct labels.
-
-    Parameters
-    ----------
-    response : numpy.ndarray or torch.Tensor
-        Float response of shape ``(C, H, W)`` or ``(N, C, H, W)``, any strides
-        (float32 or float64; torch float16/bfloat16 are computed in float32).
-    validate : bool
-        Check for NaN. CPU inputs are checked during the pass itself at no cost; for
-        CUDA tensors the check synchronises with the host, so the hot loop may pass
-        False (the result for a NaN input is then unspecified).
-    backend : {"native", "torch"}, optional
-        Force the C++/CUDA kernels or the torch fallback for this call.
-
-    Returns
-    -------
-    labels : same kind as ``response``
-        int64 argmax channel, shape ``(H, W)`` or ``(N, H, W)``.
-    compact : same kind
-        int64 compact labels, same shape.
-    counts : same kind
-        int64, shape ``(C,)`` or ``(N, C)``: ``counts[..., j]`` is the number of pixels
-        with compact label ``j``; zero for ``j >= K``.
-    K : int, numpy.ndarray or torch.Tensor
-        Distinct labels: an int (numpy, 3-D input), an int64 array ``(N,)`` (numpy,
-        4-D) or an int64 tensor of shape ``()`` / ``(N,)`` on the response's device
-        (torch; no host synchronisation).
-
-    Raises
-    ------
-    TypeError
-        When ``response`` is not a numpy array / torch tensor of a floating dtype.
-    ValueError
-        On a wrong number of dimensions, an empty response or (with ``validate``) NaN.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> r = np.zeros((5, 2, 3), dtype=np.float32)
-    >>> r[4, 0, :] = 1.0
-    >>> r[2, 1, 1:] = 1.0
-    >>> labels, compact, counts, k = argmax_relabel(r)
-    >>> labels
-    array([[4, 4, 4],
-           [0, 2, 2]])
-    >>> compact
-    array([[2, 2, 2],
-           [0, 1, 1]])
-    >>> counts, k
-    (array([1, 2, 3, 0, 0]), 3)
-    """
-    kind = _kind(response, "response")
-    if response.ndim not in (3, 4):
-        raise ValueError(
-            f"response must have shape (C, H, W) or (N, C, H, W), got {tuple(response.shape)}"
-        )
-    batched = response.ndim == 4
-    if kind == "numpy":
-        if response.dtype.kind != "f":
-            raise TypeError(f"response must have a floating dtype, got {response.dtype}")
-        if response.size == 0:
-            raise ValueError(f"response is empty: shape {tuple(response.shape)}")
-        x_np = (
-            response if response.dtype in (np.float32, np.float64) else response.astype(np.float32)
-        )
-        x_np = _numpy_for_native(x_np if batched else x_np[None])
-        choice = _choose("argmax_relabel", "cpu", backend, cuda_kernel=True)
-        if choice == "native":
-            n, c, h, w = x_np.shape
-            labels = np.empty((n, h, w), dtype=np.int64)
-            compact = np.empty((n, h, w), dtype=np.int64)
-            counts = np.empty((n, c), dtype=np.int64)
-            k = np.empty(n, dtype=np.int64)
-            if native_module().argmax_relabel(x_np, labels, compact, counts, k) and validate:
-                raise ValueError("response contains NaN")
-        else:
-            res = _argmax_relabel_torch(torch.from_numpy(x_np), validate)
-            labels, compact, counts, k = (t.numpy() for t in res)
-        if not batched:
-            return labels[0], compact[0], counts[0], int(k[0])
-        return labels, compact, counts, k
-
-    if not response.is_floating_point():
-        raise TypeError(f"response must have a floating dtype, got {response.dtype}")
-    if response.numel() == 0:
-        raise ValueError(f"response is empty: shape {tuple(response.shape)}")
-    x = response.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    x = x if batched else x.unsqueeze(0)
-    choice = _choose("argmax_relabel", x.device.type, backend, cuda_kernel=True)
-    if choice == "native":
-        n, c, h, w = x.shape
-        labels_t = torch.empty((n, h, w), dtype=torch.int64, device=x.device)
-        compact_t = torch.empty_like(labels_t)
-        counts_t = torch.empty((n, c), dtype=torch.int64, device=x.device)
-        k_t = torch.empty(n, dtype=torch.int64, device=x.device)
-        mod = native_module()
-        if x.device.type == "cuda":
-            if validate and bool(torch.isnan(x).any()):
-                raise ValueError("response contains NaN")
-            scratch = _cuda_scratch(mod.argmax_relabel_cuda_scratch(n, c), x)
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            mod.argmax_relabel_cuda(x, labels_t, compact_t, counts_t, k_t, scratch, stream)
-        elif mod.argmax_relabel(x, labels_t, compact_t, counts_t, k_t) and validate:
-            raise ValueError("response contains NaN")
-    else:
-        labels_t, compact_t, counts_t, k_t = _argmax_relabel_torch(x, validate)
-    if not batched:
-        return labels_t[0], compact_t[0], counts_t[0], k_t[0]
-    return labels_t, compact_t, counts_t, k_t
-
-
-def _argmax_relabel_torch(
-    x: torch.Tensor, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch fallback of :func:`argmax_relabel` on a (N, C, H, W) tensor."""
-    if validate and bool(torch.isnan(x).any()):
-        raise ValueError("response contains NaN")
-    n, c = x.shape[:2]
-    labels = x.argmax(dim=1)
-    flat = labels.reshape(n, -1)
-    hist = torch.zeros(n, c, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(1, flat, torch.ones_like(flat))
-    present = hist > 0
-    rank = present.cumsum(dim=1) - 1
-    compact = torch.gather(rank, 1, flat).reshape(labels.shape)
-    counts = torch.zeros_like(hist).scatter_add_(1, rank.clamp_min(0), hist)
-    return labels, compact, counts, present.sum(dim=1)

@@ -2,7 +2,7 @@
 
 With ``batch_size=1`` the images are segmented one after another by
 :func:`dynaguide.segment`. With a larger (or ``"auto"``) batch size the refinements run
-batched (:func:`dynaguide.batched.refine_batch`): the networks of up to ``batch_size``
+batched (:func:`dynaguide.batched_refine.refine_batch`): the networks of up to ``batch_size``
 images of the same refinement size train together as one grouped network, each image
 keeping its own labels, weight, guidance alignment and stopping rules, so every result is
 the one :func:`dynaguide.segment` gives, up to float32 round-off.
@@ -76,7 +76,7 @@ def segment_batch(
     batch_size : int, "auto" or None
         Images refined at once. ``1``: one after another. ``"auto"``: as many images of one
         refinement size as the free device memory holds
-        (:func:`dynaguide.batched.auto_batch_size`). None (default): ``"auto"`` on CUDA and
+        (:func:`dynaguide.batched_refine.auto_batch_size`). None (default): ``"auto"`` on CUDA and
         1 on CPU (on a few CPU cores one image already keeps them busy).
     num_threads : int, optional
         torch intra-op threads for the whole call; the previous count is restored after.
@@ -200,7 +200,7 @@ def _batched(
     kwargs: dict[str, Any],
     config: Any,
 ) -> list[Segmentation | None]:
-    from dynaguide.batched import refine_batch
+    from dynaguide.batched_refine import refine_batch
 
     seed = kwargs["seed"]
     guide = kwargs["guidance"]
