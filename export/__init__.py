@@ -28,6 +28,7 @@ from dynaguide.guidance.ort import (
     export_onnx,
     read_metadata,
     select_providers,
+    verify_image_model,
 )
 from dynaguide.guidance.segformer import export_segformer
 
@@ -42,4 +43,5 @@ __all__ = [
     "load_refine_checkpoint",
     "read_metadata",
     "select_providers",
+    "verify_image_model",
 ]
