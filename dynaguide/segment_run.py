@@ -41,7 +41,6 @@ class SegmentRun:
 
     def one(self, item: Any, resume: bool) -> str:
         """Process one planned image; returns "done", "skipped" or "busy"."""
-        import dynaguide
         from dynaguide.errors import OutputSafetyError
         from dynaguide.io import load_image
         from dynaguide.output_sets import foreign_outputs, verify_output_set, write_output_set
@@ -62,7 +61,7 @@ class SegmentRun:
                     f"{item.source}: refusing to overwrite {str(foreign[0])!r}, which dynaguide "
                     "did not write; move it away or choose another OUT"
                 )
-            seg = dynaguide.segment(load_image(item.source), name=str(item.source), **self.kwargs)
+            seg = self._segment(load_image(item.source), str(item.source))
             write_output_set(
                 seg, item, fingerprint=self.fingerprint, settings=self.settings,
                 version=self.version,
@@ -71,6 +70,12 @@ class SegmentRun:
             return "done"
         finally:
             lock.release(item.stem)
+
+    def _segment(self, image: Any, name: str) -> Any:
+        """Segment one loaded image (:func:`dynaguide.segment` with the run's keywords)."""
+        import dynaguide
+
+        return dynaguide.segment(image, name=name, **self.kwargs)
 
     def all(self, plan: list, *, resume: bool, quiet: bool, out: Path) -> int:
         """Run every image; prints the summary and returns the exit code."""

@@ -46,7 +46,11 @@ def _register_learned() -> None:
     """Register the ONNX-backed guides; their heavy imports happen only when built."""
     import importlib
 
-    for module in ("dynaguide.guidance.segformer", "dynaguide.guidance.diffseg"):
+    for module in (
+        "dynaguide.guidance.segformer",
+        "dynaguide.guidance.diffseg",
+        "dynaguide.smooseg.guide",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

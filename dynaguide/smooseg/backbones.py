@@ -130,7 +130,7 @@ class DenseFeatureBackbone:
         self,
         patch_size: int = 8,
         sigmas: Sequence[float] = (1.0, 2.0, 4.0),
-        texture_weight: float = 4.0,
+        texture_weight: float = 1.0,
         position_weight: float = 0.25,
     ) -> None:
         if (
