@@ -40,7 +40,7 @@ def test_dense_features_shape_determinism_and_meaning() -> None:
     s = b(stripes)[0]
     gx, gy = s[3, 2:-2, 2:-2].mean(), s[4, 2:-2, 2:-2].mean()
     assert gy > 10 * gx, "horizontal stripes: vertical derivative energy dominates"
-    torch.testing.assert_close(s[12, :, 0], (torch.arange(8.0) + 0.5) / 8 * 2 * 0.25 - 0.25)
+    torch.testing.assert_close(s[12, :, 0], (torch.arange(8.0) + 0.5) / 8 * 2 * 0.1 - 0.1)
     with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
         b(torch.rand(1, 3, 4, 40))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):

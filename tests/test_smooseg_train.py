@@ -83,6 +83,8 @@ def test_train_refuses_bad_input(data: Path, tmp_path: Path, trained: Path) -> N
         train(opts)
     with pytest.raises(ValueError, match="amp='bf16' needs a CUDA device"):
         train(_opts(data, tmp_path / "r2", 2, amp="bf16"))
+    with pytest.raises(ValueError, match=r"another run .*'seed': \(0, 5\)"):
+        train(_opts(data, trained.parent, 8, seed=5, resume=True))
     with pytest.raises(ValueError, match="other head settings"):
         train(_opts(data, trained.parent, 8, n_classes=4, resume=True))
     with pytest.raises(ValueError, match="trained on backbone 'texture"):

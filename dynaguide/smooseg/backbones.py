@@ -131,7 +131,7 @@ class DenseFeatureBackbone:
         patch_size: int = 8,
         sigmas: Sequence[float] = (1.0, 2.0, 4.0),
         texture_weight: float = 1.0,
-        position_weight: float = 0.25,
+        position_weight: float = 0.1,
     ) -> None:
         if (
             isinstance(patch_size, bool)

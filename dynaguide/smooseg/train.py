@@ -149,8 +149,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_resume(
-    ckpt: dict, path: Path, backbone: dict, config: SmooSegConfig, world: int
+    ckpt: dict, path: Path, backbone: dict, config: SmooSegConfig, world: int, run: dict
 ) -> None:
+    """Refuse to continue a checkpoint of another backbone, head, data order or world size."""
     saved = ckpt["backbone"]
     if (saved["name"], saved["dim"], saved["patch_size"]) != (
         backbone["name"],
@@ -169,6 +170,10 @@ def _check_resume(
             if ckpt["config"].get(k) != v
         }
         raise ValueError(f"--resume: {path} has other head settings (saved, now): {diff}")
+    saved_run = ckpt.get("train", {})
+    changed = {k: (saved_run.get(k), v) for k, v in run.items() if saved_run.get(k) != v}
+    if changed:
+        raise ValueError(f"--resume: {path} was another run (saved, now): {changed}")
     if len(ckpt.get("rng", [])) != world:
         raise ValueError(
             f"--resume: {path} was written by {len(ckpt.get('rng', []))} processes, this run has {world}"
@@ -253,7 +258,8 @@ def train(options: TrainOptions) -> TrainResult:
                 f"{ckpt_path} exists; pass resume (--resume) to continue it or choose another OUT"
             )
         ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt, ckpt_path, record, config, world)
+        same = ("seed", "batch_size", "resolution", "crop_ratio", "five_crop")
+        _check_resume(ckpt, ckpt_path, record, config, world, {k: getattr(o, k) for k in same})
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, samples = int(ckpt["step"]), int(ckpt["samples"][rank])
