@@ -40,7 +40,9 @@ def test_dense_features_shape_determinism_and_meaning() -> None:
     s = b(stripes)[0]
     gx, gy = s[3, 2:-2, 2:-2].mean(), s[4, 2:-2, 2:-2].mean()
     assert gy > 10 * gx, "horizontal stripes: vertical derivative energy dominates"
-    torch.testing.assert_close(s[12, :, 0], (torch.arange(8.0) + 0.5) / 8 * 2 * 0.1 - 0.1)
+    torch.testing.assert_close(
+        s[12, :, 0], ((torch.arange(8.0) + 0.5) / 8 * 2 - 1) * b.position_weight * b.gain
+    )
     with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
         b(torch.rand(1, 3, 4, 40))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -175,3 +177,20 @@ def test_vit_backbone_bad_inputs(hf, tmp_path: Path) -> None:
         HFViTBackbone(seg)
     with pytest.raises(ValueError, match="backend"):
         HFViTBackbone(tmp_path, backend="tf")
+
+
+def test_export_cli_writes_vit_features(hf, tmp_path: Path, capsys) -> None:
+    from dynaguide.export import read_metadata
+
+    from dynaguide.cli import main
+
+    folder = _save(hf, tmp_path / "vit", "vit")
+    out = tmp_path / "f.onnx"
+    assert main(["export", "vit-features", str(folder), str(out)]) == 0
+    assert "max_abs_diff" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert (meta["dynaguide.kind"], meta["dynaguide.dim"], meta["dynaguide.patch_size"]) == (
+        "vit-features",
+        "32",
+        "8",
+    )

@@ -109,21 +109,26 @@ def _gaussian_bank(sigmas: Sequence[float]) -> torch.Tensor:
 class DenseFeatureBackbone:
     """A weight-free dense feature backbone: colour, texture and position per patch.
 
-    For each ``patch_size`` x ``patch_size`` patch (stride = patch size) the features are:
-    the mean CIE-LAB colour (``(L - 50) / 100``, ``a / 100``, ``b / 100``); for each scale
-    sigma the root-mean-square response of the lightness to scale-normalised
-    derivative-of-Gaussian (x, y) and Laplacian-of-Gaussian filters, times
-    ``texture_weight``; and the patch centre's (y, x) in [-1, 1] times
-    ``position_weight``. ``dim = 3 + 3 * len(sigmas) + 2``. Deterministic, no weights.
+        For each ``patch_size`` x ``patch_size`` patch (stride = patch size) the features are:
+        the mean CIE-LAB colour (``(L - 50) / 100``, ``a / 100``, ``b / 100``); for each scale
+        sigma the root-mean-square response of the lightness to scale-normalised
+        derivative-of-Gaussian (x, y) and Laplacian-of-Gaussian filters, times
+        ``texture_weight``; and the patch centre's (y, x) in [-1, 1] times
+        ``position_weight``; everything times ``gain``, which brings the colour channels to about
+    unit spread, the scale of a ViT's LayerNorm-ed features (with features much smaller than
+    the projector's biases, the initial codes of all patches fall to one prototype).
+    ``dim = 3 + 3 * len(sigmas) + 2``. Deterministic, no weights.
 
-    Parameters
-    ----------
-    patch_size : int
-        Stride of the feature grid (8, like DINO ViT-S/8).
-    sigmas : sequence of float
-        Filter scales in pixels.
-    texture_weight, position_weight : float
-        Multipliers of the texture and position channels.
+        Parameters
+        ----------
+        patch_size : int
+            Stride of the feature grid (8, like DINO ViT-S/8).
+        sigmas : sequence of float
+            Filter scales in pixels.
+        texture_weight, position_weight : float
+            Multipliers of the texture and position channels.
+        gain : float
+            Multiplier of all channels.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class DenseFeatureBackbone:
         sigmas: Sequence[float] = (1.0, 2.0, 4.0),
         texture_weight: float = 1.0,
         position_weight: float = 0.1,
+        gain: float = 5.0,
     ) -> None:
         if (
             isinstance(patch_size, bool)
@@ -144,15 +150,24 @@ class DenseFeatureBackbone:
             raise ValueError(
                 f"sigmas must be a non-empty list of scales in [0.3, 16], got {sigmas!r}"
             )
-        for label, v in (("texture_weight", texture_weight), ("position_weight", position_weight)):
+        weights = (
+            ("texture_weight", texture_weight),
+            ("position_weight", position_weight),
+            ("gain", gain),
+        )
+        for label, v in weights:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
         self.patch_size = patch_size
         self.sigmas = tuple(sig)
         self.texture_weight = float(texture_weight)
         self.position_weight = float(position_weight)
+        self.gain = float(gain)
         self.dim = 3 + 3 * len(sig) + 2
-        self.name = f"texture(p={patch_size},sigmas={list(self.sigmas)},tw={self.texture_weight:g},pw={self.position_weight:g})"
+        self.name = (
+            f"texture(p={patch_size},sigmas={list(self.sigmas)},tw={self.texture_weight:g},"
+            f"pw={self.position_weight:g},gain={self.gain:g})"
+        )
         self._bank = _gaussian_bank(self.sigmas)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -179,7 +194,8 @@ class DenseFeatureBackbone:
             ys = (torch.arange(gh, dtype=x.dtype, device=x.device) + 0.5) / gh * 2 - 1
             xs = (torch.arange(gw, dtype=x.dtype, device=x.device) + 0.5) / gw * 2 - 1
             pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij")) * self.position_weight
-            return torch.cat([colour, texture, pos.expand(b, -1, -1, -1)], 1).contiguous()
+            out = torch.cat([colour, texture, pos.expand(b, -1, -1, -1)], 1)
+            return (out * self.gain).contiguous()
 
 
 class ViTPatchFeatures(torch.nn.Module):
