@@ -6,7 +6,7 @@ masks used) and scores it on val with one dataset-level Hungarian matching
 (:func:`dynaguide.smooseg.evaluate.evaluate`), for each pair of shifts given.
 
     python benchmarks/smooseg_synthetic.py [--steps 600] [--batch-size 16] \\
-        [--shifts B1 B2 [--shifts B1 B2 ...]] [--out benchmarks/results/quality/smooseg-synthetic.json]
+        [--shifts B1 B2 [--shifts B1 B2 ...]] [--seeds 0 1 2] [--out benchmarks/results/quality/smooseg-synthetic.json]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> int:
         metavar=("B1", "B2"),
         help="intra and inter shifts; repeat for more runs (default: -0.02 0.5)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     p.add_argument(
         "--out",
         type=Path,
@@ -60,19 +60,20 @@ def main() -> int:
         size = tuple(a.size)
         write_textured_dataset(root / "train", n_images=a.train_images, size=size, seed=0)
         write_textured_dataset(root / "val", n_images=a.val_images, size=size, seed=1)
-        for b1, b2 in a.shifts or [(-0.02, 0.5)]:
+        runs = [(seed, b1, b2) for seed in a.seeds for b1, b2 in a.shifts or [(-0.02, 0.5)]]
+        for seed, b1, b2 in runs:
             t0 = time.perf_counter()
             result = train(
                 TrainOptions(
                     data=root / "train" / "images",
-                    out=root / f"run{b1}_{b2}",
+                    out=root / f"run{seed}_{b1}_{b2}",
                     n_classes=3,
                     steps=a.steps,
                     batch_size=a.batch_size,
                     resolution=a.resolution,
                     workers=0,
                     device="cpu",
-                    seed=a.seed,
+                    seed=seed,
                     progress=False,
                     checkpoint_every=a.steps,
                     head={"pos_intra_shift": b1, "neg_inter_shift": b2},
@@ -83,6 +84,7 @@ def main() -> int:
                 SmooSegPredictor(result.checkpoint), root / "val", resolution=a.eval_resolution
             )
             row = {
+                "seed": seed,
                 "pos_intra_shift": b1,
                 "neg_inter_shift": b2,
                 "train_seconds": round(seconds, 1),
@@ -112,7 +114,6 @@ def main() -> int:
             "batch_size": a.batch_size,
             "resolution": a.resolution,
             "five_crop": True,
-            "seed": a.seed,
         },
         "evaluation": {
             "resolution": a.eval_resolution,
