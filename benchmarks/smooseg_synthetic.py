@@ -97,7 +97,7 @@ def main() -> int:
             }
             rows.append(row)
             print(
-                f"b1={b1} b2={b2}: pixel accuracy {row['pixel_accuracy']:.4f}, mIoU {row['mIoU']:.4f}, {seconds:.0f} s"
+                f"seed={seed} b1={b1} b2={b2}: pixel accuracy {row['pixel_accuracy']:.4f}, mIoU {row['mIoU']:.4f}, {seconds:.0f} s"
             )
     payload = {
         "environment": environment(torch.device("cpu")),

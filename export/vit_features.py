@@ -11,7 +11,6 @@ runs the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -32,15 +31,6 @@ def features_preprocessor(folder: str | os.PathLike) -> ImagePreprocessor:
 
     cfg = read_checkpoint_config(folder, what="vit backbone", model_types=VIT_MODEL_TYPES)
     return vit_preprocessor(folder, cfg["model_type"])
-
-
-def _fingerprint(folder: Path) -> str:
-    h = hashlib.sha1(b"vit-features")
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
 
 
 def export_vit_features(
@@ -85,7 +75,7 @@ def export_vit_features(
     RuntimeError
         ONNX Runtime and torch disagree beyond ``atol``.
     """
-    from dynaguide.guidance.diffseg import load_vit
+    from dynaguide.guidance.diffseg import _fingerprint, load_vit
     from dynaguide.smooseg.backbones import ViTPatchFeatures
 
     folder = Path(checkpoint)
@@ -102,7 +92,7 @@ def export_vit_features(
         _PREFIX + "dim": str(module.dim),
         _PREFIX + "prefix_tokens": str(module.prefix),
         _PREFIX + "source_name": folder.resolve().name,
-        _PREFIX + "source_fingerprint": _fingerprint(folder),
+        _PREFIX + "source_fingerprint": _fingerprint(folder, KIND),
         **pre.to_metadata(),
     }
     gen = torch.Generator().manual_seed(seed)

@@ -128,21 +128,8 @@ def test_predict_cli_writes_segment_output_sets(trained: Path, data: Path, tmp_p
 
     out = tmp_path / "pred"
     src = data / "val" / "images"
-    assert (
-        main(
-            [
-                "smooseg",
-                "predict",
-                str(trained),
-                str(src),
-                str(out),
-                "--quiet",
-                "--resolution",
-                "40",
-            ]
-        )
-        == 0
-    )
+    argv = ["smooseg", "predict", str(trained), str(src), str(out), "--quiet", "--resolution", "40"]
+    assert main(argv) == 0
     pred = SmooSegPredictor(trained, resolution=40)
     for img in sorted(src.iterdir()):
         stem = img.stem
@@ -152,22 +139,7 @@ def test_predict_cli_writes_segment_output_sets(trained: Path, data: Path, tmp_p
         np.testing.assert_array_equal(
             read_label_png(out / f"{stem}.labels.png"), pred(load_image(img))
         )
-    assert (
-        main(
-            [
-                "smooseg",
-                "predict",
-                str(trained),
-                str(src),
-                str(out),
-                "--quiet",
-                "--resolution",
-                "40",
-                "--resume",
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--resume"]) == 0
 
 
 def test_evaluation_is_one_dataset_level_matching(tmp_path: Path) -> None:
