@@ -195,3 +195,12 @@ def test_prediction_uses_flip_averaged_codes() -> None:
     logp = head.class_log_probs(z)
     torch.testing.assert_close(logp, torch.log_softmax(2 * head.prototypes(z)[1], 1))
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(3, 5, 6))
+
+
+def test_package_exports_resolve() -> None:
+    import dynaguide.smooseg as ss
+
+    for name in ss.__all__:
+        assert getattr(ss, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ss.nope  # noqa: B018
