@@ -83,38 +83,22 @@ def hf():
 
 
 def _save(hf, folder: Path, kind: str) -> Path:
+    """A tiny random ViT (patch 8) or DINOv2 (patch 14, optionally 3 registers) folder."""
     torch.manual_seed(0)
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
     if kind == "vit":
-        cfg = hf.ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=64,
-            patch_size=8,
-        )
-        hf.ViTModel(cfg, add_pooling_layer=False).save_pretrained(str(folder))
-    elif kind == "dinov2":
-        cfg = hf.Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            mlp_ratio=2,
-            image_size=56,
-            patch_size=14,
-        )
-        hf.Dinov2Model(cfg).save_pretrained(str(folder))
+        cfg = hf.ViTConfig(**common, intermediate_size=64, image_size=64, patch_size=8)
+        model = hf.ViTModel(cfg, add_pooling_layer=False)
     else:
-        cfg = hf.Dinov2WithRegistersConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            mlp_ratio=2,
-            image_size=56,
-            patch_size=14,
-            num_register_tokens=3,
+        dino = {**common, "mlp_ratio": 2, "image_size": 56, "patch_size": 14}
+        model = (
+            hf.Dinov2Model(hf.Dinov2Config(**dino))
+            if kind == "dinov2"
+            else hf.Dinov2WithRegistersModel(
+                hf.Dinov2WithRegistersConfig(**dino, num_register_tokens=3)
+            )
         )
-        hf.Dinov2WithRegistersModel(cfg).save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
     return folder
 
 

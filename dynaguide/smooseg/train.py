@@ -99,6 +99,7 @@ def _device(name: str, rank: int, world: int) -> torch.device:
             raise ValueError(f"device {name!r} but torch sees no CUDA device")
         if world > 1 and dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)  # NCCL collectives run on the current device
     elif dev.type != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     return dev
