@@ -76,7 +76,7 @@ def export_vit_features(
         ONNX Runtime and torch disagree beyond ``atol``.
     """
     from dynaguide.guidance.diffseg import _fingerprint, load_vit
-    from dynaguide.smooseg.backbones import ViTPatchFeatures
+    from dynaguide.smooseg.vit_backbone import ViTPatchFeatures
 
     folder = Path(checkpoint)
     pre = features_preprocessor(folder)

@@ -107,7 +107,7 @@ def test_vit_patch_features_are_the_normalised_last_layer_patch_tokens(
     hf, tmp_path: Path, kind: str
 ) -> None:
     from dynaguide.guidance.diffseg import load_vit
-    from dynaguide.smooseg.backbones import HFViTBackbone
+    from dynaguide.smooseg.vit_backbone import HFViTBackbone
 
     folder = _save(hf, tmp_path / kind, kind)
     bb = HFViTBackbone(folder, device="cpu")
@@ -135,7 +135,7 @@ def test_vit_features_onnx_matches_torch_on_another_size(hf, tmp_path: Path, kin
     from dynaguide.export import read_metadata
     from dynaguide.export.vit_features import export_vit_features
 
-    from dynaguide.smooseg.backbones import HFViTBackbone
+    from dynaguide.smooseg.vit_backbone import HFViTBackbone
 
     folder = _save(hf, tmp_path / kind, kind)
     report = export_vit_features(folder, tmp_path / f"{kind}.onnx")
@@ -152,7 +152,7 @@ def test_vit_features_onnx_matches_torch_on_another_size(hf, tmp_path: Path, kin
 
 
 def test_vit_backbone_bad_inputs(hf, tmp_path: Path) -> None:
-    from dynaguide.smooseg.backbones import HFViTBackbone
+    from dynaguide.smooseg.vit_backbone import HFViTBackbone
 
     with pytest.raises(ValueError, match="model_type"):
         seg = tmp_path / "seg"

@@ -20,7 +20,7 @@ from dynaguide.smooseg.smoothness import derangement, feature_similarity, smooth
 _LAZY = {
     "DenseFeatureBackbone": "dynaguide.smooseg.backbones",
     "CallableBackbone": "dynaguide.smooseg.backbones",
-    "HFViTBackbone": "dynaguide.smooseg.backbones",
+    "HFViTBackbone": "dynaguide.smooseg.vit_backbone",
     "load_backbone": "dynaguide.smooseg.backbones",
     "SmooSegConfig": "dynaguide.smooseg.model",
     "SmooSegHead": "dynaguide.smooseg.model",
