@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ def _train(args: argparse.Namespace) -> int:
             head=head,
         )
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     losses = ", ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
     print(f"step {result.step}: {losses or 'no step run'}; checkpoint {result.checkpoint}")
     if result.skipped:
