@@ -149,6 +149,13 @@ def test_vit_features_onnx_matches_torch_on_another_size(hf, tmp_path: Path, kin
     a, b = ort_bb(x), torch_bb(x)
     assert a.shape == b.shape == (2, 32, 7, 3)
     assert float((a - b).abs().max()) < 1e-4
+    if kind == "dinov2":  # a folder run in ONNX Runtime: exported to a scratch folder, removed
+        import tempfile
+
+        before = set(Path(tempfile.gettempdir()).glob("dynaguide-vitfeat-*"))
+        folder_ort = HFViTBackbone(folder, backend="onnxruntime", device="cpu")
+        assert set(Path(tempfile.gettempdir()).glob("dynaguide-vitfeat-*")) == before
+        assert float((folder_ort(x) - b).abs().max()) < 1e-4
 
 
 def test_vit_backbone_bad_inputs(hf, tmp_path: Path) -> None:

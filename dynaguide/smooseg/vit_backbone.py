@@ -79,8 +79,7 @@ class HFViTBackbone:
         device: str = "auto",
         onnx_path: str | os.PathLike | None = None,
     ) -> None:
-        from dynaguide.export import OrtSession, read_metadata
-        from dynaguide.export.vit_features import KIND, export_vit_features, features_preprocessor
+        from dynaguide.export.vit_features import export_vit_features, features_preprocessor
         from dynaguide.guidance.ort import resolve_torch_device
 
         if backend not in ("torch", "onnxruntime"):
@@ -100,14 +99,30 @@ class HFViTBackbone:
                 self.name = f"hf-vit:{path.resolve().name}:d{self.dim}:p{self.patch_size}"
                 return
             target = Path(onnx_path) if onnx_path is not None else None
-            if target is None:
+            if target is None:  # a private folder, removed once the session holds the model
                 import tempfile
 
-                target = Path(tempfile.mkdtemp(prefix="dynaguide-vitfeat-")) / "features.onnx"
-            export_vit_features(path, target)
-            path = target
+                scratch = Path(tempfile.mkdtemp(prefix="dynaguide-vitfeat-"))
+                target = scratch / "features.onnx"
+            try:
+                export_vit_features(path, target)
+                self._open(target, device)
+            finally:
+                if onnx_path is None:
+                    import shutil
+
+                    shutil.rmtree(scratch, ignore_errors=True)
+            return
         elif backend == "torch":
             raise ValueError(f"backend='torch' needs a checkpoint folder, got {str(path)!r}")
+        self._open(path, device)
+
+    def _open(self, path: Path, device: str) -> None:
+        """Read a vit-features export's metadata and start its ONNX Runtime session."""
+        from dynaguide.errors import ModelFileError
+        from dynaguide.export import ImagePreprocessor, OrtSession, read_metadata
+        from dynaguide.export.vit_features import KIND
+
         if not path.is_file():
             raise FileNotFoundError(f"vit backbone: {str(path)!r} does not exist")
         meta = read_metadata(path)
@@ -116,14 +131,16 @@ class HFViTBackbone:
                 f"vit backbone: {str(path)!r} is not a dynaguide vit-features export "
                 f"(metadata kind {meta.get('dynaguide.kind')!r})"
             )
-        from dynaguide.export import ImagePreprocessor
-
         self.preprocessor = ImagePreprocessor.from_metadata(
             meta, defaults=ImagePreprocessor(size=None), source=str(path)
         )
-        self.dim = int(meta["dynaguide.dim"])
-        self.patch_size = int(meta["dynaguide.patch_size"])
-        self.name = f"hf-vit:{meta['dynaguide.source_name']}:d{self.dim}:p{self.patch_size}"
+        try:
+            self.dim = int(meta["dynaguide.dim"])
+            self.patch_size = int(meta["dynaguide.patch_size"])
+            source = meta["dynaguide.source_name"]
+        except (KeyError, ValueError) as exc:
+            raise ModelFileError(f"{path}: unreadable vit-features metadata ({exc})") from None
+        self.name = f"hf-vit:{source}:d{self.dim}:p{self.patch_size}"
         self._session = OrtSession(path.read_bytes(), device=device, name=str(path))
         shape = self._session.input_shapes[self._session.input_names[0]][2:]
         if all(isinstance(d, int) for d in shape):
