@@ -52,6 +52,7 @@ OPTIONAL_SUBCOMMANDS: tuple[str, ...] = (
     "dynaguide.eval.cli",
     "dynaguide.export.cli",
     "dynaguide.bench_cli",
+    "dynaguide.smooseg.cli",
 )
 
 #: scikit-image sample images used by ``dynaguide demo`` and their bundled file names.

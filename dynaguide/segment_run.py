@@ -78,7 +78,6 @@ class SegmentRun:
 
     def one(self, item: Any, resume: bool) -> str:
         """Process one planned image; returns "done", "skipped" or "busy"."""
-        import dynaguide
         from dynaguide.io import load_image
 
         lock = self.locks[item.folder]
@@ -88,10 +87,17 @@ class SegmentRun:
             early = self._start(item, resume)
             if early is not None:
                 return early
-            seg = dynaguide.segment(load_image(item.source), name=str(item.source), **self.kwargs)
+            seg = self._segment(load_image(item.source), str(item.source))
             return self._write(seg, item)
         finally:
             lock.release(item.stem)
+
+    def _segment(self, image: Any, name: str) -> Any:
+        """Segment one loaded image (:func:`dynaguide.segment` with the run's keywords;
+        ``dynaguide smooseg predict`` overrides it)."""
+        import dynaguide
+
+        return dynaguide.segment(image, name=name, **self.kwargs)
 
     def many(self, items: list, resume: bool) -> list[str | BaseException]:
         """Process ``items`` with one :func:`dynaguide.segment_batch` call; per item its

@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "export_refine_net": "dynaguide.export.refine",
     "export_segformer": "dynaguide.export.segformer",
     "export_vit_attention": "dynaguide.export.vit_attention",
+    "export_vit_features": "dynaguide.export.vit_features",
     "load_refine_checkpoint": "dynaguide.export.refine",
     "read_metadata": "dynaguide.export.onnx_model",
     "select_providers": "dynaguide.export.ort_session",
@@ -52,6 +53,7 @@ __all__ = [  # the names of _LAZY
     "export_refine_net",
     "export_segformer",
     "export_vit_attention",
+    "export_vit_features",
     "load_refine_checkpoint",
     "read_metadata",
     "select_providers",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from dynaguide.export.refine import export_refine_net, load_refine_checkpoint
     from dynaguide.export.segformer import export_segformer
     from dynaguide.export.vit_attention import export_vit_attention
+    from dynaguide.export.vit_features import export_vit_features
 
     from dynaguide.guidance.pretrained import ImagePreprocessor
 

@@ -26,7 +26,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``export`` subcommand (with ``segformer``, ``vit-attention``, ``refine-net``).
+    """Add the ``export`` subcommand (with ``segformer``, ``vit-attention``, ``vit-features``,
+    ``refine-net``).
 
     Parameters
     ----------
@@ -38,7 +39,9 @@ def register(subparsers: Any) -> None:
         help="export guidance models / the refine net to ONNX (verified against torch)",
         description="Export to ONNX with dynamic height and width, then verify against torch.",
     )
-    sub = parser.add_subparsers(dest="export_kind", metavar="{segformer,vit-attention,refine-net}")
+    sub = parser.add_subparsers(
+        dest="export_kind", metavar="{segformer,vit-attention,vit-features,refine-net}"
+    )
     parser.set_defaults(func=lambda args: _usage(parser))
 
     seg = sub.add_parser("segformer", help="a local SegFormer checkpoint folder")
@@ -62,6 +65,17 @@ def register(subparsers: Any) -> None:
     )
     _common(vit, atol=1e-3)
     vit.set_defaults(func=_run(_vit))
+
+    feat = sub.add_parser("vit-features", help="ViT / DINO / DINOv2 patch features (SmooSeg)")
+    feat.add_argument(
+        "checkpoint", help="folder written by save_pretrained (config.json + weights)"
+    )
+    feat.add_argument("out", help="output .onnx file")
+    feat.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="export input size (multiples of p)"
+    )
+    _common(feat, atol=1e-4)
+    feat.set_defaults(func=_run(_vit_features))
 
     ref = sub.add_parser("refine-net", help="a trained per-image refine net (.pt)")
     ref.add_argument("checkpoint", help=".pt holding {'config': dict, 'state_dict': ...}")
@@ -115,6 +129,13 @@ def _vit(args: argparse.Namespace) -> Any:
     return export_vit_attention(
         args.checkpoint, args.out, layers=args.layers, size=size, atol=args.atol, seed=args.seed
     )
+
+
+def _vit_features(args: argparse.Namespace) -> Any:
+    from dynaguide.export.vit_features import export_vit_features
+
+    size = tuple(args.size) if args.size else None
+    return export_vit_features(args.checkpoint, args.out, size=size, atol=args.atol, seed=args.seed)
 
 
 def _refine(args: argparse.Namespace) -> Any:

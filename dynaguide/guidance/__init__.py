@@ -67,6 +67,12 @@ register_guide(
     "via ONNX Runtime "
     "(options: checkpoint=folder or .onnx, tau, num_points, layers, size, refine)",
 )
+register_guide(
+    "smooseg",
+    _lazy_factory("dynaguide.smooseg.guide", "smooseg_guide_factory"),
+    description="SmooSeg class ids from a trained head "
+    "(options: checkpoint=checkpoint.pt, resolution, flip, device, backbone)",
+)
 
 
 def _call_guide(
