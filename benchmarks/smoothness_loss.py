@@ -96,7 +96,7 @@ print((rss("VmHWM:") - before) * 1024)
 def measured_rss_bytes(method: str, b: int, side: int, d: int, k: int) -> int | str:
     """Peak resident-set rise of one fwd+bwd in a fresh process (bytes)."""
     code = _CHILD.format(here=str(Path(__file__).parent), b=b, side=side, d=d, k=k, method=method)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         return f"failed: {proc.stderr.strip().splitlines()[-1:]}"
     return int(proc.stdout.strip().splitlines()[-1])

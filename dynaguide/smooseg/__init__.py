@@ -6,52 +6,51 @@ dataset: a projector, student/teacher prototypes and two losses, a pairwise smoo
 (close features should share a label, distant ones may differ, within an image and across
 images) and a data term (the student's cosine logits against the teacher's hard labels).
 
-Training: :func:`train`; labelling: :class:`SmooSegPredictor`; scoring: :func:`evaluate`;
-backbones: :func:`load_backbone`. The command line is ``dynaguide smooseg``.
+Training: :func:`dynaguide.smooseg.train.train`; labelling: :class:`SmooSegPredictor`;
+scoring: :func:`dynaguide.smooseg.evaluate.evaluate` (the submodules share the functions'
+names, so the package does not re-export them); backbones: :func:`load_backbone`. The command line is ``dynaguide smooseg``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dynaguide._lazy import attach as _attach
 
-from dynaguide.smooseg.smoothness import (
-    derangement,
-    feature_similarity,
-    smoothness_loss,
-    smoothness_loss_factorised,
-    smoothness_loss_reference,
-)
-
-#: Public names imported on first use (name -> module), so that importing the package stays light.
+#: Public names imported on first use (name -> module), so that importing the package (and
+#: ``dynaguide --help``, which registers ``dynaguide smooseg``) does not import torch.
 _LAZY = {
-    "DenseFeatureBackbone": "dynaguide.smooseg.backbones",
     "CallableBackbone": "dynaguide.smooseg.backbones",
+    "DenseFeatureBackbone": "dynaguide.smooseg.backbones",
     "HFViTBackbone": "dynaguide.smooseg.vit_backbone",
-    "load_backbone": "dynaguide.smooseg.backbones",
     "SmooSegConfig": "dynaguide.smooseg.model",
     "SmooSegHead": "dynaguide.smooseg.model",
-    "TrainOptions": "dynaguide.smooseg.train",
-    "train": "dynaguide.smooseg.train",
-    "load_checkpoint": "dynaguide.smooseg.train",
     "SmooSegPredictor": "dynaguide.smooseg.predict",
+    "TrainOptions": "dynaguide.smooseg.train",
+    "derangement": "dynaguide.smooseg.smoothness",
+    "feature_similarity": "dynaguide.smooseg.smoothness",
+    "load_backbone": "dynaguide.smooseg.backbones",
+    "load_checkpoint": "dynaguide.smooseg.train",
     "predict_folder": "dynaguide.smooseg.predict",
-    "evaluate": "dynaguide.smooseg.evaluate",
+    "smoothness_loss": "dynaguide.smooseg.smoothness",
+    "smoothness_loss_factorised": "dynaguide.smooseg.smoothness",
+    "smoothness_loss_reference": "dynaguide.smooseg.smoothness",
 }
 
-__all__ = [
+__all__ = [  # the names of _LAZY
+    "CallableBackbone",
+    "DenseFeatureBackbone",
+    "HFViTBackbone",
+    "SmooSegConfig",
+    "SmooSegHead",
+    "SmooSegPredictor",
+    "TrainOptions",
     "derangement",
     "feature_similarity",
+    "load_backbone",
+    "load_checkpoint",
+    "predict_folder",
     "smoothness_loss",
     "smoothness_loss_factorised",
     "smoothness_loss_reference",
-    *sorted(_LAZY),
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Import the lazily exported names on first access."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dynaguide.smooseg' has no attribute {name!r}")
+__getattr__, __dir__ = _attach(__name__, _LAZY)
