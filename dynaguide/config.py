@@ -1,5 +1,9 @@
 """Refinement configuration and the named presets.
 
+(Over 400 lines: the one dataclass of every refinement knob, its validation and the presets
+that set those knobs, kept in one place so that a field, its check and its defaults cannot
+drift apart.)
+
 A :class:`RefineConfig` is a frozen dataclass holding every knob of the per-image
 optimisation of DFC (Kim, Kanezaki and Tanaka, IEEE TIP 2020), DynaSeg (Guermazi,
 Ksantini and Khan, IVC 2024, arXiv 2405.05477) and DynaGuide (the same authors, IVC 2025,

@@ -138,7 +138,7 @@ def coco_scores(
     n_clusters: int | None = None,
     ignore_index: int | None = 255,
 ) -> dict[str, Any]:
-    """COCO-Stuff-27 protocol of PiCIE / STEGO / SmooSeg (SPEC §6.3): ONE matching.
+    """COCO-Stuff-27 protocol of PiCIE / STEGO / SmooSeg: ONE matching.
 
     1. One confusion matrix over the whole dataset (cluster ids are taken as given, so
        they must mean the same thing in every image, e.g. a global cluster probe).
@@ -200,7 +200,7 @@ def coco_scores_per_image_matching(
     n_classes: int = 27,
     ignore_index: int | None = 255,
 ) -> dict[str, Any]:
-    """DiffSeg's COCO-Stuff-27 protocol (SPEC §5.4): a Hungarian matching PER IMAGE.
+    """DiffSeg's COCO-Stuff-27 protocol (Tian et al., CVPR 2024): a Hungarian matching PER IMAGE.
 
     For each image, the ``n_classes x max(n_classes, max_id + 1)`` confusion matrix is
     matched one-to-one (maximising matched pixels; cluster ids used as given, as in

@@ -107,7 +107,7 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def relabel_connected_components(labels: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
     """Split every label into its connected components (DFC's scoring preprocessing).
 
-    Kanezaki's published DFC numbers (SPEC §1.8) relabel each predicted map so that
+    Kanezaki's published DFC numbers (her answer in the DFC repository's issue #6) relabel each predicted map so that
     label regions that are not connected become separate segments. Uses
     :func:`dynaguide.connected_components` (native extension when built, else
     scikit-image); it agrees with ``scipy.ndimage.label`` applied per label value.

@@ -1,13 +1,16 @@
-"""Segmentation quality metrics, each named after the protocol it implements (SPEC §6).
+"""Segmentation quality metrics, each named after the protocol it implements.
 
-Segment-best-IoU (BSDS500 and PASCAL VOC, SPEC §6.1 / §6.2)
+(Over 400 lines: segment-best-IoU's BSDS500 and VOC variants share the contingency table
+and the global-list reduction, kept together so the two protocols cannot drift.)
+
+Segment-best-IoU (BSDS500 and PASCAL VOC, as scored by DynaSeg and DynaGuide)
     For every ground-truth segment S, ``best(S) = max_t |S ∩ P_t| / |S ∪ P_t|`` where
     ``P_t`` is the *whole* predicted region with label t (many-to-one: one predicted
     region may be the best match of several GT segments). All ``best(S)`` values of all
     images go into ONE global list; the score is its mean (so images with more segments
     or more annotators weigh more). :func:`bsds_scores`, :func:`voc_scores`.
 
-Cluster/class Hungarian matching (COCO-Stuff-27, SPEC §6.3, §5.4)
+Cluster/class Hungarian matching (COCO-Stuff-27: Cho et al., PiCIE, CVPR 2021; Tian et al., DiffSeg, CVPR 2024)
     :func:`coco_scores`: one confusion matrix over the whole dataset, ONE Hungarian
     assignment (PiCIE / STEGO / SmooSeg protocol). :func:`coco_scores_per_image_matching`:
     a Hungarian assignment per image with TP/FP/FN summed over the dataset (DiffSeg
@@ -94,7 +97,7 @@ def segment_best_iou(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best IoU of every ground-truth segment against the whole predicted regions.
 
-    ``best(S) = max_t |S ∩ P_t| / (|S| + |P_t| - |S ∩ P_t|)`` (SPEC §6.1), many-to-one.
+    ``best(S) = max_t |S ∩ P_t| / (|S| + |P_t| - |S ∩ P_t|)`` many-to-one.
 
     Parameters
     ----------
@@ -209,7 +212,7 @@ def bsds_image_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """BSDS500 segment-best-IoU of ONE image (SPEC §6.1), for per-image breakdowns.
+    """BSDS500 segment-best-IoU of ONE image, for per-image breakdowns.
 
     Dataset scores must not average these means (the protocol averages one global
     list of segments); use :func:`bsds_scores`, or sum ``sums`` and ``counts`` over
@@ -222,7 +225,7 @@ def bsds_image_scores(
         The human segmentations of the image (BSDS: 4-9 per image).
     connected_components : bool
         Relabel the prediction into connected components first (DFC's published
-        protocol, SPEC §1.8).
+        protocol, as Kanezaki describes it in the DFC repository's issue #6).
     connectivity : {4, 8}
     resize : bool
         Nearest-neighbour resize the prediction to the annotation size if they differ
@@ -257,7 +260,7 @@ def bsds_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """BSDS500 All / Fine / Coarse / Mean segment-best-IoU over a dataset (SPEC §6.1).
+    """BSDS500 All / Fine / Coarse / Mean segment-best-IoU over a dataset.
 
     The protocol of Kanezaki's ``miou_calculation.py`` / DynaSeg's ``calculate_mIOU.py``:
 
@@ -332,7 +335,7 @@ def voc_image_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """PASCAL VOC segment-best-IoU of one image (SPEC §6.2); see :func:`voc_scores`.
+    """PASCAL VOC segment-best-IoU of one image; see :func:`voc_scores`.
 
     Returns
     -------
@@ -371,7 +374,7 @@ def voc_scores(
     connectivity: int = 8,
     resize: bool = False,
 ) -> dict[str, Any]:
-    """PASCAL VOC 2012 segment-best-IoU (SPEC §6.2), one global list like BSDS.
+    """PASCAL VOC 2012 segment-best-IoU, one global list like BSDS.
 
     Each distinct mask value is one GT segment (object categories are otherwise
     ignored); every best IoU of every image goes into one list whose mean is the score.

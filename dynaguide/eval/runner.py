@@ -1,5 +1,8 @@
 """The evaluation runner: segment every image of a dataset, cache, score, report.
 
+(Over 400 lines: the loop, the per-image error policy and the report it writes share the
+run's state; the settings, cache and metric code live in their own modules.)
+
 :func:`evaluate` is used by ``dynaguide eval`` and by the quality-table scripts.
 Predictions are cached per image (``<out>/predictions/<id>.npz``, written atomically)
 so an interrupted run resumes where it stopped; the settings a cache was made with are

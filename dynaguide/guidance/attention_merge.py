@@ -105,7 +105,7 @@ def anchor_grid(
     *,
     layout: str = "reference",
 ) -> np.ndarray:
-    """Anchor query positions on a (rows, cols) grid (SPEC §5.3).
+    """Anchor query positions on a (rows, cols) grid (DiffSeg, Tian et al., CVPR 2024: a regular grid of anchors).
 
     Parameters
     ----------
@@ -150,7 +150,8 @@ def aggregate_attention(
     out_shape: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Aggregate self-attention maps of one or more resolutions (SPEC §5.2).
+    """Aggregate self-attention maps of one or more resolutions (DiffSeg's aggregation:
+    each map brought to a common grid and weighted by its resolution).
 
     Parameters
     ----------
@@ -275,7 +276,7 @@ def merge_attention(
     anchors: np.ndarray | None = None,
     chunk_elements: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Iterative attention merging (SPEC §5.3).
+    """Iterative attention merging (DiffSeg: anchors whose attention maps are close in KL divergence merge).
 
     Parameters
     ----------
