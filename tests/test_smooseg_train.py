@@ -118,6 +118,14 @@ def test_predictor_checks_the_backbone_and_labels_images(trained: Path, data: Pa
     assert labels.min() >= 0 and labels.max() < 3
     with pytest.raises(ValueError, match="uint8"):
         pred(image.astype(np.float32))
+    # the dense CRF refines the same probabilities: labels in range, mostly the argmax's
+    crf = SmooSegPredictor(trained, resolution=40, crf_iterations=5)
+    refined = crf(image)
+    assert refined.shape == labels.shape and refined.dtype == np.int32
+    assert refined.min() >= 0 and refined.max() < 3
+    assert (refined == labels).mean() > 0.5
+    with pytest.raises(ValueError, match="crf_iterations"):
+        SmooSegPredictor(trained, crf_iterations=-1)
 
 
 def test_predict_cli_writes_segment_output_sets(trained: Path, data: Path, tmp_path: Path) -> None:

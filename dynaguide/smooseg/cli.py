@@ -84,6 +84,10 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="override the checkpoint's backbone path")
     p.add_argument("--resolution", type=positive_int, default=320, help="short side (320)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument(
+        "--crf", type=int, default=0, metavar="N",
+        help="dense-CRF mean-field iterations after the argmax (the paper evaluates with 10; 0 = off)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
 
 
@@ -95,6 +99,7 @@ def _predictor(args: argparse.Namespace) -> Any:
         backbone=args.backbone,
         resolution=args.resolution,
         flip=not args.no_flip,
+        crf_iterations=args.crf,
         device=args.device,
     )
 

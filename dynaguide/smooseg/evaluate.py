@@ -75,7 +75,7 @@ def evaluate(
             )
         mask = resize_center_crop(mask, resolution, nearest=True).astype(np.int64)
         lp = predictor.log_probs(to_tensor(image)[None])
-        preds.append(lp[0].argmax(0).cpu().numpy())
+        preds.append(predictor.labels(lp[0], image))
         gts.append(mask)
     if n_gt_classes is None:
         top = max(int(g[g != ignore_index].max(initial=-1)) for g in gts)
@@ -92,6 +92,7 @@ def evaluate(
         "resolution": resolution,
         "crop": "short side resized, centre square",
         "flip_tta": predictor.flip,
+        "crf_iterations": predictor.crf_iterations,
         "ignore_index": ignore_index,
         "n_gt_classes": n_gt_classes,
         "n_clusters": predictor.n_classes,

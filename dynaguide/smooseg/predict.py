@@ -41,6 +41,10 @@ class SmooSegPredictor:
         Short side of the network input (320).
     flip : bool
         Horizontal-flip test-time augmentation.
+    crf_iterations : int
+        > 0: refine the class probabilities with that many mean-field iterations of a dense
+        CRF (:func:`dynaguide.crf.dense_crf`, the paper's settings: 10 at evaluation);
+        0 (default): the plain argmax.
     device : {"cpu", "cuda", "auto"}
 
     Raises
@@ -56,6 +60,7 @@ class SmooSegPredictor:
         backbone: Any = None,
         resolution: int = 320,
         flip: bool = True,
+        crf_iterations: int = 0,
         device: str = "cpu",
     ) -> None:
         from dynaguide.errors import ModelFileError
@@ -67,6 +72,13 @@ class SmooSegPredictor:
             or not 8 <= resolution <= 4096
         ):
             raise ValueError(f"resolution must be an int in [8, 4096], got {resolution!r}")
+        if (
+            isinstance(crf_iterations, bool)
+            or not isinstance(crf_iterations, int)
+            or not 0 <= crf_iterations <= 1000
+        ):
+            raise ValueError(f"crf_iterations must be an int in [0, 1000], got {crf_iterations!r}")
+        self.crf_iterations = crf_iterations
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         saved = ckpt["backbone"]
@@ -130,7 +142,18 @@ class SmooSegPredictor:
 
         image = check_rgb_image(image, "SmooSeg prediction")
         lp = self.log_probs(self.network_input(image), size=image.shape[:2])
-        return lp[0].argmax(0).cpu().numpy().astype(np.int32)
+        return self.labels(lp[0], image)
+
+    def labels(self, log_probs: torch.Tensor, image: np.ndarray) -> np.ndarray:
+        """(H, W) int32 class ids from (K, H, W) log-probabilities of ``image`` (H, W, 3)
+        uint8: their argmax, after the dense CRF when ``crf_iterations > 0``."""
+        if self.crf_iterations > 0:
+            from dynaguide.crf import dense_crf
+
+            probs = log_probs.float().exp().cpu().numpy()
+            marginals = dense_crf(image, probs, iterations=self.crf_iterations)
+            return marginals.argmax(0).astype(np.int32)
+        return log_probs.argmax(0).cpu().numpy().astype(np.int32)
 
 
 class _PredictRun(SegmentRun):
