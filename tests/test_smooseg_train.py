@@ -169,11 +169,14 @@ def test_evaluation_is_one_dataset_level_matching(tmp_path: Path) -> None:
         Image.fromarray(m).save(tmp_path / "masks" / f"{i}.png")
 
     class Fake:
-        n_classes, flip, path = 3, False, "fake"
+        n_classes, flip, path, crf_iterations = 3, False, "fake", 0
 
         def log_probs(self, images: torch.Tensor) -> torch.Tensor:
             cls = torch.round(images[:, 0] * 255 / 100).long().clamp(0, 2)
             return torch.nn.functional.one_hot((cls + 1) % 3, 3).permute(0, 3, 1, 2).float()
+
+        def labels(self, log_probs: torch.Tensor, image: np.ndarray) -> np.ndarray:
+            return log_probs.argmax(0).numpy()
 
     scores = evaluate(Fake(), tmp_path, resolution=48)
     assert scores["pixel_accuracy"] > 0.97 and scores["mIoU"] > 0.94
