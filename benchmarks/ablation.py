@@ -208,6 +208,19 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     },
 }
 
+# SmooSeg as a guide: a head trained on BSDS500 train with the weight-free backbone
+# (`dynaguide smooseg train .../train/images RUN --n-classes 8 --steps 1000 --batch-size 16`),
+# its checkpoint named by the environment variable below.
+_SMOOSEG = {"checkpoint": os.environ.get("ABLATION_SMOOSEG_CHECKPOINT", "smooseg/checkpoint.pt")}
+CANDIDATES["alone:smooseg"] = {"guide": "smooseg", "guide_options": _SMOOSEG}
+CANDIDATES["s32:smooseg"] = {
+    "preset": "dynaguide",
+    "guide": "smooseg",
+    "guide_options": _SMOOSEG,
+    "max_iter": 60,
+    **_SMALL,
+}
+
 
 # The paper presets at a tenth of a megapixel's tenth (0.01 MP: 481x321 -> 122x81), 100
 # iterations, each preset's own stopping rules and its guide's default settings.
