@@ -89,7 +89,20 @@ class GuideAligner:
             return self._target
         self._live = live
         self._mapping = self._hungarian(labels)
-        slots = torch.cat([self._mapping, self._mapping.new_full((1,), IGNORE_INDEX)])
+        return self._store(self._mapping)
+
+    def _overlap(self, labels: torch.Tensor) -> torch.Tensor:
+        """(G, C) pixel counts of each guide class against each current CNN label."""
+        c = self.n_channels
+        flat = labels.flatten()
+        if self._valid_idx is not None:
+            flat = flat.index_select(0, self._valid_idx)
+        counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
+        return counts.reshape(self.n_guide, c)
+
+    def _store(self, mapping: torch.Tensor) -> torch.Tensor:
+        """Per-pixel targets from a guide-class -> channel ``mapping``, kept in one buffer."""
+        slots = torch.cat([mapping, mapping.new_full((1,), IGNORE_INDEX)])
         target = slots[self._guide_slot]
         if self._target is None:
             self._target = target
@@ -98,12 +111,7 @@ class GuideAligner:
         return self._target
 
     def _hungarian(self, labels: torch.Tensor) -> torch.Tensor:
-        c = self.n_channels
-        flat = labels.flatten()
-        if self._valid_idx is not None:
-            flat = flat.index_select(0, self._valid_idx)
-        counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
-        overlap = counts.reshape(self.n_guide, c).cpu().numpy()
+        overlap = self._overlap(labels).cpu().numpy()
         from scipy.optimize import linear_sum_assignment  # ~0.5 s to import: on first use
 
         rows, cols = linear_sum_assignment(overlap, maximize=True)
@@ -120,16 +128,5 @@ class GuideAligner:
         return torch.where(self.guide >= 0, mapped, torch.full_like(mapped, IGNORE_INDEX))
 
     def _vote_target(self, labels: torch.Tensor) -> torch.Tensor:
-        c = self.n_channels
-        flat = labels.flatten()
-        if self._valid_idx is not None:
-            flat = flat.index_select(0, self._valid_idx)
-        counts = torch.bincount(self._flat_guide * c + flat, minlength=self.n_guide * c)
-        winner = counts.reshape(self.n_guide, c).argmax(dim=1)  # first maximum: smallest label
-        slots = torch.cat([winner, winner.new_full((1,), IGNORE_INDEX)])
-        target = slots[self._guide_slot]
-        if self._target is None:
-            self._target = target
-        else:  # in place: a captured CUDA graph keeps reading the same buffer
-            self._target.copy_(target)
-        return self._target
+        winner = self._overlap(labels).argmax(dim=1)  # first maximum: the smallest label
+        return self._store(winner)
