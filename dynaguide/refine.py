@@ -120,7 +120,6 @@ class RefineStep:
         device = torch.device(device)
         self.config = config
         self.backend = backend
-        self.amp = amp
         self.device = device
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.x = image_tensor(image, config, device).contiguous(memory_format=fmt)
